@@ -1,0 +1,30 @@
+# evomerge: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint setup clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/evomerge demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -x -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_merge.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check evomerge tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

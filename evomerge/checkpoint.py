@@ -1,0 +1,173 @@
+"""Reading and writing checkpoint files: safetensors shards, without loading whole models.
+
+Reads use positioned reads (``os.pread``) into caller-owned buffers instead of a memory map:
+pages of a mapped file count toward the process's resident memory and every first touch is a
+page fault, while a pread into a reused buffer costs one copy and keeps the footprint at the
+size of the tensors being worked on. Writes stream each tensor to its final offset in a
+pre-sized shard, so the whole output never sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import EvomergeError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse one .safetensors file's header: name -> where its bytes are."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as e:
+        raise EvomergeError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in DTYPES:
+            raise EvomergeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        entries[name] = TensorEntry(path, DTYPES[info["dtype"]], tuple(info["shape"]),
+                                    8 + length + begin, end - begin)
+    return entries
+
+
+def index_safetensors(folder: Path, stem: str) -> dict[str, TensorEntry]:
+    """All tensors of the ``stem`` checkpoint in a folder (single file or sharded with an index)."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob(f"{stem}*.safetensors"))
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        entries.update(read_safetensors_header(folder / name))
+    return entries
+
+
+def read_tensor(entry: TensorEntry, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes from disk (into ``out`` when given, which must match)."""
+    if out is None:
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+    buffer = out.view(-1).view(torch.uint8).numpy()
+    with open(entry.file, "rb", buffering=0) as f:
+        got = os.preadv(f.fileno(), [buffer], entry.start)
+    if got != entry.nbytes:
+        raise EvomergeError(f"{entry.file}: truncated while reading a tensor; the file is damaged")
+    return out
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickle checkpoint (only when the user allowed it), tensors only."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardedSafetensorsWriter:
+    """Writes a known list of tensors into safetensors shards, in any order, one at a time.
+
+    Shard headers are written first (every name, shape and offset is known in advance), then
+    each ``write`` puts a tensor's bytes at its place. ``stem`` is ``model`` for transformers and
+    ``diffusion_pytorch_model`` for diffusers; a single shard is named ``{stem}.safetensors``.
+    """
+
+    def __init__(self, folder: Path, tensors: Iterable[PlannedTensor], stem: str = "model",
+                 max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+        n = len(shards)
+        names = [f"{stem}.safetensors"] if n == 1 else [
+            f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
+        self._fds = []
+        weight_map, total = {}, 0
+        for file_name, shard in zip(names, shards):
+            header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+            for t in shard:
+                header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [offset, offset + t.nbytes]}
+                offset += t.nbytes
+                weight_map[t.name] = file_name
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+            fd = os.open(self.folder / file_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, struct.pack("<Q", len(blob)) + blob)
+            os.ftruncate(fd, 8 + len(blob) + offset)
+            self._fds.append(fd)
+            for t in shard:
+                begin = header[t.name]["data_offsets"][0]
+                self.where[t.name] = (fd, 8 + len(blob) + begin, t.nbytes)
+            total += offset
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        self.written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        fd, offset, nbytes = self.where[name]
+        data = tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
+        if data.nbytes != nbytes:
+            raise EvomergeError(f"tensor {name}: {data.nbytes} bytes to write, {nbytes} planned")
+        os.pwrite(fd, data, offset)
+        self.written.add(name)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        missing = set(self.where) - self.written
+        if missing:
+            raise EvomergeError(f"output incomplete: {len(missing)} tensors never written, e.g. {min(missing)}")
+
+
+def iter_files(folder: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
+    for p in sorted(folder.iterdir()):
+        if p.suffix in suffixes:
+            yield p

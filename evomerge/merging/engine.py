@@ -1,0 +1,159 @@
+"""The merge engine: for every tensor, look up its group and values, call the method, write.
+
+Two targets share one loop. The *trial* path writes merged tensors straight into a resident
+model's parameters: sources are read once, task vectors (``source - base``) computed once and
+kept on the merge device, and each trial only does the method's arithmetic and a copy into the
+live parameter. The *export* path streams: read a tensor from each source, merge, write it to
+its place in the safetensors shards, forget it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merging.methods import MergeMethod, rng_for
+from evomerge.merging.space import ValueTable
+from evomerge.modalities.base import TensorSource
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise EvomergeError(f"dtype {name!r}: use one of float32, float16, bfloat16")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: merged across the inputs, or kept from the reference."""
+
+    name: str
+    group: str
+    depth: float  # 0..1, for values interpolated over depth
+    merge: bool
+    rows: int | None  # vocab tensors of different sizes: the shared leading rows that merge
+
+
+class MergeEngine:
+    """Merges one set of models with one method; reusable across many sets of values."""
+
+    def __init__(self, adapter, reference: TensorSource, base: TensorSource | None,
+                 sources: list[TensorSource], method: MergeMethod, *, dtype: torch.dtype,
+                 device: str = "cpu", seed: int = 0, tie_order: str = "index",
+                 rescale: str | None = "inverse"):
+        if method.on_deltas and base is None:
+            raise EvomergeError(f"method {method.name!r} merges task vectors: set `base` (the common ancestor)")
+        if method.exact_sources and len(sources) != method.exact_sources:
+            raise EvomergeError(f"method {method.name!r} takes exactly {method.exact_sources} models, got {len(sources)}")
+        self.adapter, self.reference, self.base, self.sources = adapter, reference, base, sources
+        self.method, self.dtype, self.device, self.seed = method, dtype, device, seed
+        self.options = {"tie_order": tie_order} if method.name == "ties" else (
+            {"rescale": rescale} if method.needs_rng else {})
+        self.jobs = self._plan()
+        self._cache: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    # -- planning and validation (before any work is written) ---------------------------------
+
+    @property
+    def inputs(self) -> list[TensorSource]:
+        return ([self.base] if self.method.on_deltas else []) + self.sources
+
+    def _plan(self) -> list[Job]:
+        jobs = []
+        for name in self.reference.names():
+            group = self.adapter.group(name)
+            depth = self.adapter.layer_fraction(name, self.reference)
+            merge = (self.adapter.merge_role(name, self.reference) == "merge"
+                     and self.reference.dtype(name).is_floating_point)
+            rows = None
+            if merge:
+                ref_shape = self.reference.shape(name)
+                shapes = []
+                for src in self.inputs:
+                    if name not in src:
+                        raise EvomergeError(
+                            f"model {src.label}: tensor {name} is missing (present in {self.reference.label}); "
+                            "merge models of the same architecture")
+                    shapes.append(src.shape(name))
+                if any(s != ref_shape for s in shapes):
+                    same_but_rows = all(s[1:] == ref_shape[1:] for s in shapes)
+                    if not (self.adapter.is_vocab(name) and same_but_rows):
+                        bad = next(src for src, s in zip(self.inputs, shapes) if s != ref_shape)
+                        raise EvomergeError(
+                            f"model {bad.label}: tensor {name} has shape {list(bad.shape(name))}, "
+                            f"{self.reference.label} has {list(ref_shape)}; merge models of the same architecture")
+                    rows = min([s[0] for s in shapes] + [ref_shape[0]])
+            jobs.append(Job(name, group, depth, merge, rows))
+        order = {g: i for i, g in enumerate(self.adapter.groups([j.name for j in jobs]))}
+        return sorted(jobs, key=lambda j: order[j.group])  # stable: one pass per group
+
+    def check_values(self, table: ValueTable) -> None:
+        """Raise on missing or out-of-range values, before any output exists."""
+        for job in self.jobs:
+            if job.merge:
+                table.check_ranges(job.name, job.group, job.depth)
+
+    # -- the math for one tensor --------------------------------------------------------------
+
+    def _read_inputs(self, job: Job) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(base, stacked deltas) for task-vector methods, (None, stacked models) otherwise."""
+        def read(src: TensorSource) -> torch.Tensor:
+            t = src.read(job.name, self.dtype)
+            return (t[: job.rows] if job.rows is not None else t).to(self.device)
+
+        stacked = torch.stack([read(s) for s in self.sources])
+        if not self.method.on_deltas:
+            return None, stacked
+        base = read(self.base)
+        stacked -= base
+        return base, stacked
+
+    def _merge(self, job: Job, base: torch.Tensor | None, stacked: torch.Tensor,
+               table: ValueTable) -> torch.Tensor:
+        per_source, shared = table.for_tensor(job.name, job.group, job.depth)
+        kwargs = {**per_source, **shared, **self.options}
+        if self.method.needs_rng:
+            kwargs["rng"] = [rng_for(self.seed, job.name, i, stacked.device) for i in range(len(self.sources))]
+        out = self.method(stacked, **kwargs)
+        return (base + out).to(self.dtype) if base is not None else out
+
+    # -- the two targets ----------------------------------------------------------------------
+
+    def merge_into(self, params: dict[str, torch.Tensor], table: ValueTable,
+                   progress: Callable[[Job], None] | None = None) -> None:
+        """Trial path: write merged values into a resident model's tensors, in place."""
+        with torch.no_grad():
+            for job in self.jobs:
+                if not job.merge:
+                    continue
+                if job.name not in self._cache:
+                    self._cache[job.name] = self._read_inputs(job)
+                merged = self._merge(job, *self._cache[job.name], table)
+                target = params[job.name]
+                (target[: job.rows] if job.rows is not None else target).copy_(merged)
+                if progress:
+                    progress(job)
+
+    def iter_merged(self, table: ValueTable) -> Iterator[tuple[Job, torch.Tensor]]:
+        """Export path: each output tensor in turn, merged (or kept), full shape."""
+        with torch.no_grad():
+            for job in self.jobs:
+                if not job.merge:
+                    yield job, self.reference.read(job.name)
+                    continue
+                merged = self._merge(job, *self._read_inputs(job), table)
+                if job.rows is not None:
+                    full = self.reference.read(job.name, self.dtype)
+                    full[: job.rows] = merged.cpu()
+                    merged = full
+                yield job, merged
+
+    def output_dtype(self, job: Job) -> torch.dtype:
+        return self.dtype if job.merge else self.reference.dtype(job.name)

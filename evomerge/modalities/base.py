@@ -1,0 +1,153 @@
+"""The adapter protocol: how a modality's checkpoints become named, grouped tensors and back.
+
+An adapter is the only code that knows a modality's parameter names. It
+
+- opens a checkpoint (Hub id or local folder) as a :class:`TensorSource`: a lazily read view whose
+  names are the *canonical* names, i.e. the ``state_dict`` names of the runnable model the
+  adapter builds (format differences such as LLaVA's legacy prefixes are hidden here);
+- names a group for every tensor (``layers.12``, ``IN04``...), the unit of per-group values;
+- builds the runnable model once, whose parameters the engine then rewrites in place;
+- saves a merged model in the modality's native format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from evomerge.checkpoint import (
+    PICKLE_SUFFIXES,
+    TensorEntry,
+    index_safetensors,
+    load_pickle_state_dict,
+    read_tensor,
+)
+from evomerge.errors import EvomergeError
+
+# Files worth fetching from the Hub for a model folder (weights come as safetensors).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def resolve_folder(ref: str, *, subfolder: str | None = None, allow_pickle: bool = False) -> Path:
+    """A local folder for a Hub id or a path. Hub downloads fetch safetensors only unless
+    pickle checkpoints are allowed."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if subfolder and (path / subfolder).is_dir():
+            path = path / subfolder
+        return path
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise EvomergeError(f"model {ref!r}: no such folder, and not a Hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+        if subfolder:
+            patterns = [f"{subfolder}/{p}" for p in patterns] + ["model_index.json"]
+        local = Path(snapshot_download(ref, allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: all the same to the user
+        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({type(e).__name__}: {e})") from None
+    return local / subfolder if subfolder and (local / subfolder).is_dir() else local
+
+
+@dataclass
+class TensorSource:
+    """One checkpoint, read lazily, under canonical names.
+
+    ``entries`` maps canonical name -> location on disk; ``loaded`` holds tensors that had to be
+    read eagerly (pickle checkpoints, single-file conversions).
+    """
+
+    label: str
+    folder: Path
+    entries: dict[str, TensorEntry] = field(default_factory=dict)
+    loaded: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return list(self.entries) + [n for n in self.loaded if n not in self.entries]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries or name in self.loaded
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.entries:
+            return self.entries[name].shape
+        return tuple(self.loaded[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name].dtype if name in self.entries else self.loaded[name].dtype
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, in ``dtype`` when given."""
+        if name in self.loaded:
+            t = self.loaded[name]
+        elif name in self.entries:
+            t = read_tensor(self.entries[name])
+        else:
+            raise EvomergeError(f"model {self.label}: tensor {name} is missing; is it the same architecture as the others?")
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def open_checkpoint(label: str, folder: Path, stem: str, rename: Callable[[str], str | None],
+                    *, allow_pickle: bool) -> TensorSource:
+    """Index a folder's ``stem`` checkpoint under canonical names (``rename`` returns None to drop)."""
+    if not folder.is_dir():
+        raise EvomergeError(f"model {label}: {folder} is not a folder")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    raw = index_safetensors(folder, stem)
+    loaded: dict[str, torch.Tensor] = {}
+    if not raw:
+        pickles = [p for p in sorted(folder.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+        if not pickles:
+            raise EvomergeError(f"model {label}: no {stem}*.safetensors in {folder}")
+        if not allow_pickle:
+            raise EvomergeError(
+                f"model {label}: only pickle checkpoints ({pickles[0].name}) found; pickles can run "
+                "code when loaded. Convert to safetensors, or pass --allow-pickle if you trust them")
+        for p in pickles:
+            loaded.update(load_pickle_state_dict(p))
+    entries = {new: e for name, e in raw.items() if (new := rename(name)) is not None}
+    loaded = {new: t for name, t in loaded.items() if (new := rename(name)) is not None}
+    return TensorSource(label, folder, entries, loaded, config)
+
+
+LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+class Adapter(Protocol):
+    """What every modality provides to the merge engine and the pipelines."""
+
+    modality: str
+    weights_stem: str  # file stem of the native checkpoint ("model", "diffusion_pytorch_model")
+
+    def open(self, ref: str, label: str, *, allow_pickle: bool = False) -> TensorSource:
+        """Open a checkpoint (Hub id or path) under canonical names."""
+
+    def group(self, name: str) -> str:
+        """The group a tensor belongs to (the unit of per-group merge values)."""
+
+    def groups(self, names: list[str]) -> list[str]:
+        """All groups of a model, in model order."""
+
+    def layer_fraction(self, name: str, reference: TensorSource) -> float:
+        """Where the tensor sits in depth, 0..1 (for mergekit-style value gradients)."""
+
+    def merge_role(self, name: str, reference: TensorSource) -> str:
+        """``merge`` (merged across sources), or ``keep`` (taken from the reference as is)."""
+
+    def build(self, reference: TensorSource, dtype: torch.dtype, device: str) -> torch.nn.Module:
+        """The runnable model, built once, holding the reference's weights."""
+
+    def parameters(self, runnable: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Canonical name -> the live tensor inside the runnable (written in place each trial)."""
+
+    def save_extras(self, reference: TensorSource, out_dir: Path, dtype: torch.dtype) -> None:
+        """Write everything but the weights: config, tokenizer/processor files."""

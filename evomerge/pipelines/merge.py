@@ -1,0 +1,177 @@
+"""One merge from a recipe and chosen values to a model folder with its card.
+
+    recipe -> adapter opens base and sources -> engine checks shapes and values
+           -> every tensor merged and streamed into safetensors shards in a temporary folder
+           -> config, tokenizer/processor and model card written -> folder renamed into place
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from evomerge import __version__
+from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter
+from evomerge.errors import EvomergeError
+from evomerge.merging.engine import MergeEngine, parse_dtype
+from evomerge.merging.methods import get_method
+from evomerge.merging.space import SearchSpace, ValueTable
+from evomerge.modalities import get_adapter
+from evomerge.modalities.base import TensorSource
+from evomerge.progress import progress_bar
+from evomerge.recipe import Recipe
+
+
+def _family(source: TensorSource) -> str | None:
+    config = source.config.get("text_config", source.config)
+    return config.get("model_type") or source.config.get("_class_name")
+
+
+@dataclass
+class MergeSession:
+    """A recipe's models opened once, with the engine and search space built on them."""
+
+    recipe: Recipe
+    adapter: object
+    reference: TensorSource
+    base: TensorSource | None
+    sources: list[TensorSource]
+    engine: MergeEngine
+    space: SearchSpace
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.sources]
+
+    def table(self, searched: dict[str, float] | None = None) -> ValueTable:
+        m = self.recipe.merge
+        return ValueTable(
+            method=self.engine.method, sources=tuple(self.labels), shared_fixed=dict(m.parameters),
+            per_source_fixed={spec.label: dict(spec.parameters) for spec in self.recipe.models},
+            searched=dict(searched or {}), granularity=m.granularity)
+
+
+def _pick_reference(recipe: Recipe, adapter, base: TensorSource | None,
+                    sources: list[TensorSource]) -> TensorSource:
+    candidates = ([base] if base else []) + sources
+    if recipe.reference:
+        for s in candidates:
+            if s.label == recipe.reference:
+                return s
+        raise EvomergeError(f"reference: no model labelled {recipe.reference!r} (labels: {[s.label for s in candidates]})")
+    if recipe.modality == "vlm":
+        for s in candidates:
+            if "vision_config" in s.config:
+                return s
+        raise EvomergeError("modality vlm: none of the models is a LLaVA model (no vision_config)")
+    return base or sources[0]
+
+
+def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
+                 trust_remote_code: bool = False) -> MergeSession:
+    """Open every model of the recipe lazily and validate the merge (no weights read yet)."""
+    adapter = get_adapter(recipe.modality, grouping=recipe.grouping, trust_remote_code=trust_remote_code)
+    method = get_method(recipe.merge.method)
+    base = adapter.open(recipe.base, "base", allow_pickle=allow_pickle) if recipe.base else None
+    sources = [adapter.open(m.model, m.label, allow_pickle=allow_pickle) for m in recipe.models]
+    families = {s.label: _family(s) for s in ([base] if base else []) + sources}
+    if len(set(families.values())) > 1:
+        raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
+    reference = _pick_reference(recipe, adapter, base, sources)
+    dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(reference)
+    engine = MergeEngine(adapter, reference, base, sources, method, dtype=dtype, device=device,
+                         seed=recipe.seed, tie_order=recipe.merge.tie_order,
+                         rescale=None if recipe.merge.rescale == "none" else recipe.merge.rescale)
+    groups = adapter.groups([j.name for j in engine.jobs if j.merge])
+    space = SearchSpace.from_spec(recipe.merge, method, [s.label for s in sources], groups)
+    return MergeSession(recipe, adapter, reference, base, sources, engine, space)
+
+
+def _stored_dtype(source: TensorSource) -> torch.dtype:
+    for name in source.names():
+        if source.dtype(name).is_floating_point:
+            return source.dtype(name)
+    return torch.float32
+
+
+def prepare_output(out_dir: Path, force: bool) -> Path:
+    """Refuse a non-empty folder without --force; return a fresh temporary folder beside it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise EvomergeError(f"{out_dir} exists and is not empty: choose another --out or pass --force")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_output(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temporary folder into place (the old one, if any, only then goes)."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, float] | None = None,
+                    *, force: bool = False, show_progress: bool = True,
+                    extra_card: str = "") -> Path:
+    """Merge with fixed recipe values (+ ``values`` for searched ones) and save a model folder."""
+    out_dir = Path(out_dir)
+    table = session.table(values)
+    missing = [n for n in session.space.names if n not in (values or {})]
+    if missing:
+        raise EvomergeError(f"no value for searched {missing[0]!r}: give values, or merge a finished run")
+    engine = session.engine
+    engine.check_values(table)
+    tmp = prepare_output(out_dir, force)
+    try:
+        planned = [PlannedTensor(j.name, engine.reference.shape(j.name), engine.output_dtype(j))
+                   for j in engine.jobs]
+        writer = ShardedSafetensorsWriter(tmp, planned, stem=session.adapter.weights_stem)
+        groups = session.adapter.groups([j.name for j in engine.jobs])
+        with progress_bar("merging", total=len(groups), enabled=show_progress) as advance:
+            current = None
+            for job, tensor in engine.iter_merged(table):
+                if job.group != current:
+                    current = job.group
+                    advance(job.group)
+                writer.write(job.name, tensor)
+        writer.close()
+        session.adapter.save_extras(engine.reference, tmp, engine.dtype)
+        (tmp / "README.md").write_text(model_card(session, values or {}, extra_card))
+        commit_output(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def model_card(session: MergeSession, values: dict[str, float], extra: str = "") -> str:
+    """A Hugging Face model card recording the sources, the method and every value."""
+    r = session.recipe
+    base_models = ([r.base] if r.base else []) + [m.model for m in r.models]
+    front = {"base_model": base_models, "library_name": "transformers" if r.modality != "sdxl" else "diffusers",
+             "tags": ["merge", "evomerge", r.merge.method]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {r.name}", "",
+             f"Merged with [evomerge](https://github.com/evomerge/evomerge) {__version__} "
+             f"using **{r.merge.method}**.", "", "## Sources", ""]
+    if r.base:
+        lines.append(f"- base: `{r.base}`")
+    lines += [f"- `{m.label}`: `{m.model}`" for m in r.models]
+    if values:
+        lines += ["", "## Chosen values", "", "| value | chosen |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.6g} |" for k, v in values.items()]
+    recipe_yaml = yaml.safe_dump(r.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True)
+    lines += ["", "## Recipe", "", "```yaml", recipe_yaml.strip(), "```"]
+    if extra:
+        lines += ["", extra.strip()]
+    return "\n".join(lines) + "\n"
