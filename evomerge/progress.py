@@ -23,3 +23,22 @@ def progress_bar(title: str, total: int, enabled: bool = True) -> Iterator[Calla
             progress.update(task, advance=1, label=label)
 
         yield advance
+
+
+@contextmanager
+def trial_progress(total: int, done: int, enabled: bool = True) -> Iterator[Callable]:
+    """Yields ``update(done, best, timing)`` for a live line: trial n/N, best so far, seconds."""
+    if not enabled:
+        yield lambda *a: None
+        return
+    columns = [TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("best {task.fields[best]}  last: merge {task.fields[merge]}s "
+                          "eval {task.fields[eval]}s"), TimeElapsedColumn()]
+    with Progress(*columns) as progress:
+        task = progress.add_task("trials", total=total, completed=done, best="-", merge="-", eval="-")
+
+        def update(n: int, best: float | None, timing) -> None:
+            progress.update(task, completed=n, best="-" if best is None else f"{best:.4f}",
+                            merge=f"{timing.merge_s:.2f}", eval=f"{timing.eval_s:.2f}")
+
+        yield update

@@ -1,0 +1,331 @@
+"""Evolve a merge recipe: the loop of the paper, on an Optuna study.
+
+    open the recipe's models once, build the runnable model once
+    score the baselines the recipe asks for (once per run)
+    until the study holds N finished trials:
+        ask the sampler for values (CMA-ES: mean 0.5, sigma 1/6 in the normalised box)
+        merge in memory into the runnable's parameters
+        evaluate the runnable -> one score (higher is better)
+        record the trial (study storage + a JSON file) and tell the sampler
+    write the best values (and the best model with --export-best)
+
+Everything lives in a run directory; rerunning the same command resumes. A trial that was
+running when the process died is marked failed ("interrupted", not counted) and its slot is
+sampled again; a trial whose merge holds NaN/inf or whose evaluation raises is failed and
+counted, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluators.base import Result, load_evaluator
+from evomerge.pipelines.merge import MergeSession, merge_to_folder, open_session
+from evomerge.recipe import Recipe, load_recipe
+
+INTERRUPTED = "interrupted"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=float))
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.json"
+
+    @property
+    def baselines(self) -> Path:
+        return self.root / "baselines.json"
+
+    def storage_url(self) -> str:
+        return f"sqlite:///{(self.root / 'study.db').resolve()}"
+
+
+def make_sampler(recipe: Recipe, kind: str, n_values: int) -> optuna.samplers.BaseSampler:
+    """CMA-ES as in the paper (Optuna's defaults: mean at the box centre, sigma 1/6, population
+    4 + floor(3 ln n)); random and TPE for comparison."""
+    seed = recipe.seed
+    if kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, popsize=recipe.search.popsize, use_separable_cma=recipe.search.separable,
+            warn_independent_sampling=False)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    raise EvomergeError(f"--sampler {kind!r}: use cmaes, random or tpe")
+
+
+def default_popsize(n_values: int) -> int:
+    return 4 + math.floor(3 * math.log(max(n_values, 1)))
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count toward the total: completed, or failed for a reason of their own."""
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state == TrialState.COMPLETE
+            or (t.state == TrialState.FAIL and t.user_attrs.get("reason") != INTERRUPTED)]
+
+
+def _retire_interrupted(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a killed process as failed-interrupted (their slot is redone)."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+def all_finite(params: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params.values() if p.is_floating_point())
+
+
+@dataclass
+class TrialTiming:
+    number: int
+    score: float | None
+    merge_s: float
+    eval_s: float
+    total_s: float
+
+    @property
+    def other_s(self) -> float:
+        return max(self.total_s - self.merge_s - self.eval_s, 0.0)
+
+
+@dataclass
+class EvolveOutcome:
+    run_dir: Path
+    best_value: float | None
+    best_values: dict[str, float]
+    timings: list[TrialTiming] = field(default_factory=list)
+    baselines: dict[str, dict] = field(default_factory=dict)
+
+
+class Evolution:
+    """One run: a recipe, its run directory and study, the runnable model and the evaluator."""
+
+    def __init__(self, recipe_path: str | Path, *, run_dir: str | Path | None = None,
+                 storage: str | None = None, sampler: str | None = None, device: str = "cpu",
+                 allow_pickle: bool = False, trust_remote_code: bool = False,
+                 console: Console | None = None):
+        self.recipe = load_recipe(recipe_path)
+        if not self.recipe.evaluator:
+            raise EvomergeError(f"{recipe_path}: field evaluator: missing; evolve needs an evaluator to score trials")
+        self.paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / self.recipe.name)
+        self._claim_run_dir(Path(recipe_path))
+        self.console = console or Console()
+        self.session: MergeSession = open_session(
+            self.recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        if not self.session.space.names:
+            raise EvomergeError(f"{recipe_path}: field merge.search: empty; name the values to search, e.g. weight: [0, 1]")
+        self.sampler_kind = sampler or self.recipe.search.sampler
+        self.storage = storage or self.paths.storage_url()
+        write_json_atomic(self.paths.root / "run.json", {"storage": self.storage, "study": self.recipe.name})
+        self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.session.reference.folder)
+        self.device = device
+        self._runnable = None
+
+    def _claim_run_dir(self, recipe_path: Path) -> None:
+        """Create the run directory with a copy of the recipe, or check it holds the same one."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.paths.trials.mkdir(exist_ok=True)
+        text = recipe_path.read_text()
+        if self.paths.recipe.exists():
+            if yaml.safe_load(self.paths.recipe.read_text()) != yaml.safe_load(text):
+                raise EvomergeError(
+                    f"{self.paths.root} holds a run of a different recipe; pass --run-dir for a new run")
+        else:
+            self.paths.recipe.write_text(text)
+
+    @property
+    def runnable(self) -> torch.nn.Module:
+        """The model every trial rewrites in place, built on first use."""
+        if self._runnable is None:
+            s = self.session
+            self._runnable = s.adapter.build(s.reference, s.engine.dtype, self.device)
+            self._param_map = s.adapter.parameters(self._runnable)
+        return self._runnable
+
+    def study(self) -> optuna.Study:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        n = len(self.session.space)
+        return optuna.create_study(
+            study_name=self.recipe.name, storage=self.storage, direction="maximize",
+            sampler=make_sampler(self.recipe, self.sampler_kind, n), load_if_exists=True)
+
+    # -- one trial ----------------------------------------------------------------------------
+
+    def _evaluate(self) -> Result:
+        with torch.no_grad():
+            return self.evaluator(self.runnable)
+
+    def run_trial(self, study: optuna.Study) -> TrialTiming:
+        start = time.perf_counter()
+        trial = study.ask()
+        space = self.session.space
+        values = {name: trial.suggest_float(name, *space.bounds(name)) for name in space.names}
+        merge_s = eval_s = 0.0
+        score = None
+        record: dict = {"number": trial.number, "values": values}
+        try:
+            t0 = time.perf_counter()
+            self.session.engine.merge_into(self._params(), self.session.table(values))
+            merge_s = time.perf_counter() - t0
+            if not all_finite(self._params()):
+                raise FloatingPointError("merged weights hold NaN or inf")
+            t1 = time.perf_counter()
+            result = self._evaluate()
+            eval_s = time.perf_counter() - t1
+            if not math.isfinite(result.score):
+                raise FloatingPointError(f"evaluator returned {result.score}")
+            score = result.score
+            record.update(score=score, metrics=result.metrics, items=result.items)
+            for k, v in result.metrics.items():
+                trial.set_user_attr(k, v)
+        except Exception as e:  # a bad candidate fails alone; the run goes on
+            record.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=3))
+            trial.set_user_attr("reason", f"{type(e).__name__}: {e}"[:500])
+        trial.set_user_attr("merge_s", merge_s)
+        trial.set_user_attr("eval_s", eval_s)
+        record.update(merge_s=merge_s, eval_s=eval_s)
+        write_json_atomic(self.paths.trials / f"{trial.number:05d}.json", record)
+        total = time.perf_counter() - start  # bookkeeping up to here; tell() is the sampler's
+        trial.set_user_attr("total_s", total)
+        if score is None:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, score)
+        return TrialTiming(trial.number, score, merge_s, eval_s, time.perf_counter() - start)
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        self.runnable  # noqa: B018 - builds the model and its parameter map
+        return self._param_map
+
+    # -- baselines ----------------------------------------------------------------------------
+
+    def score_baselines(self) -> dict[str, dict]:
+        """Score each baseline the recipe names, once per run (kept in baselines.json)."""
+        done = json.loads(self.paths.baselines.read_text()) if self.paths.baselines.exists() else {}
+        for spec in self.recipe.baselines:
+            name = spec["name"]
+            if name in done:
+                continue
+            self.load_baseline(spec)
+            result = self._evaluate()
+            done[name] = {"score": result.score, "metrics": result.metrics}
+            write_json_atomic(self.paths.baselines, done)
+            self.console.print(f"baseline [bold]{name}[/]: {result.score:.4f}")
+        return done
+
+    def load_baseline(self, spec: dict) -> None:
+        """Put a baseline's weights into the runnable: a source model, or a fixed merge."""
+        from evomerge.pipelines.baselines import baseline_tensors
+
+        params = self._params()
+        with torch.no_grad():
+            for name, tensor in baseline_tensors(self.session, spec):
+                params[name][: tensor.shape[0]].copy_(tensor)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, trials: int | None = None, *, export_best: bool = False,
+            show_progress: bool = True) -> EvolveOutcome:
+        total = trials or self.recipe.search.trials
+        study = self.study()
+        retired = _retire_interrupted(study)
+        if retired:
+            self.console.print(f"resuming: {retired} interrupted trial(s) will be redone")
+        baselines = self.score_baselines()
+        timings: list[TrialTiming] = []
+        from evomerge.progress import trial_progress
+
+        done = len(_finished(study))
+        with trial_progress(total, done, enabled=show_progress) as update:
+            while done < total:
+                timing = self.run_trial(study)
+                timings.append(timing)
+                done = len(_finished(study))
+                best = study.best_value if _has_complete(study) else None
+                update(done, best, timing)
+                if best is not None and timing.score == best:
+                    self._write_best(study)
+        outcome = EvolveOutcome(self.paths.root, None, {}, timings, baselines)
+        if _has_complete(study):
+            self._write_best(study)
+            outcome.best_value, outcome.best_values = study.best_value, dict(study.best_params)
+        if timings:
+            self.console.print(timing_table(timings))
+        if export_best and outcome.best_values:
+            out = merge_to_folder(self.session, self.paths.root / "best", outcome.best_values, force=True,
+                                  show_progress=show_progress, extra_card=self._card_note(study))
+            self.console.print(f"best model written to {out}")
+        return outcome
+
+    def _write_best(self, study: optuna.Study) -> None:
+        t = study.best_trial
+        write_json_atomic(self.paths.best, {"trial": t.number, "score": t.value,
+                                            "values": t.params, "metrics": t.user_attrs})
+
+    def _card_note(self, study: optuna.Study) -> str:
+        t = study.best_trial
+        return (f"## Evolution\n\nBest of {len(_finished(study))} trials ({self.sampler_kind}): "
+                f"trial {t.number}, score {t.value:.4f} on the search set.")
+
+
+def _has_complete(study: optuna.Study) -> bool:
+    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def timing_table(timings: list[TrialTiming]) -> Table:
+    """Per-trial time split into merge, evaluation and everything else, with totals."""
+    table = Table(title="trial time (s)")
+    for col in ("trial", "score", "merge", "evaluate", "other", "total"):
+        table.add_column(col, justify="right")
+    for t in timings:
+        table.add_row(str(t.number), "failed" if t.score is None else f"{t.score:.4f}",
+                      f"{t.merge_s:.3f}", f"{t.eval_s:.3f}", f"{t.other_s:.3f}", f"{t.total_s:.3f}")
+    m, e, o, s = (sum(getattr(t, a) for t in timings) for a in ("merge_s", "eval_s", "other_s", "total_s"))
+    table.add_row("all", "", f"{m:.3f}", f"{e:.3f}", f"{o:.3f}", f"{s:.3f}", style="bold")
+    if s > 0:
+        table.add_row("share", "", f"{m / s:.1%}", f"{e / s:.1%}", f"{o / s:.1%}", "100%")
+    return table
+
+
+def best_values(run_dir: Path) -> dict[str, float]:
+    """The best values recorded in a run directory."""
+    path = RunPaths(Path(run_dir)).best
+    if not path.exists():
+        raise EvomergeError(f"{run_dir}: no best.json; has the run finished a trial?")
+    return json.loads(path.read_text())["values"]
+

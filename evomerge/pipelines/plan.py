@@ -1,0 +1,108 @@
+"""What a recipe will cost, read from configs alone (models built on the meta device, no weights).
+
+Reports the searched values, the CMA-ES population and generations, and the memory the merge
+needs: the resident model, the cached inputs of the trial path (base + one task vector per
+source), and the streaming export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merging.engine import parse_dtype
+from evomerge.merging.methods import get_method
+from evomerge.merging.space import SearchSpace
+from evomerge.modalities import get_adapter
+from evomerge.pipelines.evolve import default_popsize
+from evomerge.recipe import Recipe
+
+
+@dataclass
+class Plan:
+    recipe: str
+    modality: str
+    method: str
+    parameters: int  # parameters of the output model
+    merged_parameters: int
+    searched_values: int
+    groups: int
+    sampler: str
+    popsize: int
+    trials: int
+    generations: int
+    dtype: str
+    resident_model_gb: float
+    trial_cache_gb: float  # base + one task vector per source, kept for the trial path
+    total_trial_memory_gb: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_folder(ref: str, subfolder: str | None) -> Path:
+    """A folder holding config.json for a local path or Hub id (fetches config.json only)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path / subfolder if subfolder and (path / subfolder).is_dir() else path
+    try:
+        from huggingface_hub import hf_hub_download
+
+        name = f"{subfolder}/config.json" if subfolder else "config.json"
+        return Path(hf_hub_download(ref, name)).parent
+    except Exception as e:
+        raise EvomergeError(f"model {ref!r}: cannot read its config ({type(e).__name__}: {e})") from None
+
+
+def meta_state(recipe: Recipe, folder: Path) -> dict[str, torch.Tensor]:
+    """The reference model's tensors as meta tensors (names, shapes; no memory)."""
+    with torch.device("meta"):
+        if recipe.modality == "sdxl":
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+            config = AutoConfig.from_pretrained(folder)
+            cls = AutoModelForImageTextToText if recipe.modality == "vlm" else AutoModelForCausalLM
+            model = cls.from_config(config)
+    return dict(model.state_dict())
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    adapter = get_adapter(recipe.modality, grouping=recipe.grouping)
+    method = get_method(recipe.merge.method)
+    subfolder = "unet" if recipe.modality == "sdxl" else None
+    refs = {m.label: m.model for m in recipe.models}
+    if recipe.reference:
+        ref = refs.get(recipe.reference, recipe.base)
+    elif recipe.modality == "vlm":
+        ref = next((m for m in refs.values()
+                    if "vision_config" in json.loads((config_folder(m, None) / "config.json").read_text())), None)
+        if ref is None:
+            raise EvomergeError("modality vlm: none of the models is a LLaVA model (no vision_config)")
+    else:
+        ref = recipe.base or recipe.models[0].model
+    state = meta_state(recipe, config_folder(ref, subfolder))
+    merged = {n: t for n, t in state.items() if t.is_floating_point() and adapter.group(n) != "vision"}
+    groups = adapter.groups(list(merged))
+    space = SearchSpace.from_spec(recipe.merge, method, [m.label for m in recipe.models], groups)
+    dtype = parse_dtype(recipe.dtype) if recipe.dtype else torch.bfloat16
+    size = torch.empty((), dtype=dtype).element_size()
+    n_params = sum(t.numel() for t in state.values())
+    n_merged = sum(t.numel() for t in merged.values())
+    cached_inputs = len(recipe.models) + (1 if method.on_deltas else 0)
+    popsize = recipe.search.popsize or (default_popsize(len(space)) if recipe.search.sampler == "cmaes" else 1)
+    gb = 1 / 2**30
+    resident = n_params * size * gb
+    cache = n_merged * size * cached_inputs * gb
+    return Plan(recipe.name, recipe.modality, method.name, n_params, n_merged, len(space), len(groups),
+                recipe.search.sampler, popsize, recipe.search.trials,
+                math.ceil(recipe.search.trials / popsize), str(dtype).removeprefix("torch."),
+                round(resident, 3), round(cache, 3), round(resident + cache, 3))
