@@ -77,8 +77,8 @@ def test_evolve_records_trials_baselines_best_and_report(llama_fp32, tmp_path, m
     assert len(records) == 5
     first = json.loads(records[0].read_text())
     assert set(first) >= {"values", "score", "merge_s", "eval_s"}
-    assert len(first["values"]) == len(evo.session.space)  # 4 groups x 2 sources x 2 values
-    assert len(evo.session.space) == 4 * 2 * 2
+    assert len(first["values"]) == len(evo.candidates.space)  # 4 groups x 2 sources x 2 values
+    assert len(evo.candidates.space) == 4 * 2 * 2
     assert "layers.1/m2/density" in first["values"]
     best = json.loads((run / "best.json").read_text())
     assert best["score"] == pytest.approx(max(v for _, v in completed(run / "study.db")))

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import Result, load_evaluator
-from evomerge.pipelines.merge import MergeSession, merge_to_folder, open_session
+from evomerge.pipelines.candidates import make_candidates
 from evomerge.recipe import Recipe, load_recipe
 
 INTERRUPTED = "interrupted"
@@ -106,10 +106,6 @@ def _retire_interrupted(study: optuna.Study) -> int:
     return len(stale)
 
 
-def all_finite(params: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in params.values() if p.is_floating_point())
-
-
 @dataclass
 class TrialTiming:
     number: int
@@ -145,16 +141,14 @@ class Evolution:
         self.paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / self.recipe.name)
         self._claim_run_dir(Path(recipe_path))
         self.console = console or Console()
-        self.session: MergeSession = open_session(
+        self.candidates = make_candidates(
             self.recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        if not self.session.space.names:
+        if not self.candidates.space.names:
             raise EvomergeError(f"{recipe_path}: field merge.search: empty; name the values to search, e.g. weight: [0, 1]")
         self.sampler_kind = sampler or self.recipe.search.sampler
         self.storage = storage or self.paths.storage_url()
         write_json_atomic(self.paths.root / "run.json", {"storage": self.storage, "study": self.recipe.name})
-        self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.session.reference.folder)
-        self.device = device
-        self._runnable = None
+        self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.candidates.tokenizer_source)
 
     def _claim_run_dir(self, recipe_path: Path) -> None:
         """Create the run directory with a copy of the recipe, or check it holds the same one."""
@@ -168,44 +162,33 @@ class Evolution:
         else:
             self.paths.recipe.write_text(text)
 
-    @property
-    def runnable(self) -> torch.nn.Module:
-        """The model every trial rewrites in place, built on first use."""
-        if self._runnable is None:
-            s = self.session
-            self._runnable = s.adapter.build(s.reference, s.engine.dtype, self.device)
-            self._param_map = s.adapter.parameters(self._runnable)
-        return self._runnable
-
     def study(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        n = len(self.session.space)
+        n = len(self.candidates.space)
         return optuna.create_study(
             study_name=self.recipe.name, storage=self.storage, direction="maximize",
             sampler=make_sampler(self.recipe, self.sampler_kind, n), load_if_exists=True)
 
     # -- one trial ----------------------------------------------------------------------------
 
-    def _evaluate(self) -> Result:
+    def _evaluate(self, runnable) -> Result:
         with torch.no_grad():
-            return self.evaluator(self.runnable)
+            return self.evaluator(runnable)
 
     def run_trial(self, study: optuna.Study) -> TrialTiming:
         start = time.perf_counter()
         trial = study.ask()
-        space = self.session.space
+        space = self.candidates.space
         values = {name: trial.suggest_float(name, *space.bounds(name)) for name in space.names}
         merge_s = eval_s = 0.0
         score = None
         record: dict = {"number": trial.number, "values": values}
         try:
             t0 = time.perf_counter()
-            self.session.engine.merge_into(self._params(), self.session.table(values))
+            runnable = self.candidates.apply(values)
             merge_s = time.perf_counter() - t0
-            if not all_finite(self._params()):
-                raise FloatingPointError("merged weights hold NaN or inf")
             t1 = time.perf_counter()
-            result = self._evaluate()
+            result = self._evaluate(runnable)
             eval_s = time.perf_counter() - t1
             if not math.isfinite(result.score):
                 raise FloatingPointError(f"evaluator returned {result.score}")
@@ -228,10 +211,6 @@ class Evolution:
             study.tell(trial, score)
         return TrialTiming(trial.number, score, merge_s, eval_s, time.perf_counter() - start)
 
-    def _params(self) -> dict[str, torch.Tensor]:
-        self.runnable  # noqa: B018 - builds the model and its parameter map
-        return self._param_map
-
     # -- baselines ----------------------------------------------------------------------------
 
     def score_baselines(self) -> dict[str, dict]:
@@ -241,21 +220,11 @@ class Evolution:
             name = spec["name"]
             if name in done:
                 continue
-            self.load_baseline(spec)
-            result = self._evaluate()
+            result = self._evaluate(self.candidates.apply_baseline(spec))
             done[name] = {"score": result.score, "metrics": result.metrics}
             write_json_atomic(self.paths.baselines, done)
             self.console.print(f"baseline [bold]{name}[/]: {result.score:.4f}")
         return done
-
-    def load_baseline(self, spec: dict) -> None:
-        """Put a baseline's weights into the runnable: a source model, or a fixed merge."""
-        from evomerge.pipelines.baselines import baseline_tensors
-
-        params = self._params()
-        with torch.no_grad():
-            for name, tensor in baseline_tensors(self.session, spec):
-                params[name][: tensor.shape[0]].copy_(tensor)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -287,8 +256,8 @@ class Evolution:
         if timings:
             self.console.print(timing_table(timings))
         if export_best and outcome.best_values:
-            out = merge_to_folder(self.session, self.paths.root / "best", outcome.best_values, force=True,
-                                  show_progress=show_progress, extra_card=self._card_note(study))
+            out = self.candidates.export(outcome.best_values, self.paths.root / "best",
+                                         extra_card=self._card_note(study), show_progress=show_progress)
             self.console.print(f"best model written to {out}")
         return outcome
 
