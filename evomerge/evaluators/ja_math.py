@@ -1,0 +1,460 @@
+"""Japanese grade-school math (MGSM-JA style): generate, read the last number, check the language.
+
+This follows the EvoLLM-JP evaluation (Akiba et al., 2024): zero-shot greedy generation with a
+Japanese Alpaca-style prompt, the answer is the **last number** in the response, and a response
+only counts when it is **written in Japanese**. Two repairs over the original regex
+(``\\d*\\.?\\d+``): text is NFKC-normalised first (``１２３`` -> ``123``, ``，`` -> ``,``) and
+thousands separators are dropped, so ``1,000`` reads as 1000, not 000.
+
+The scoring functions are pure and usable on their own, e.g. to re-score saved outputs::
+
+    >>> extract_answer("答えは１，０００円です。")
+    1000.0
+    >>> is_correct("So the answer is 18.", 18)
+    True
+    >>> is_japanese("So the answer is 18.")
+    False
+    >>> score_responses([{"response": "答えは18です。", "answer": 18},
+    ...                  {"response": "The answer is 18.", "answer": 18}])
+    {'accuracy': 1.0, 'accuracy_ja': 0.5, 'n': 2}
+
+:class:`JaMathEvaluator` runs the whole thing on a transformers causal LM; its ``score`` is
+``accuracy_ja`` (correct **and** Japanese), the fitness the paper maximised.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluators.base import Result
+from evomerge.evaluators.data import load_rows, read_jsonl
+
+# --------------------------------------------------------------------------------------------
+# Answer extraction
+# --------------------------------------------------------------------------------------------
+
+# Minus signs NFKC leaves alone.
+_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\u2012": "-", "\u2013": "-"})
+# A comma between a digit and exactly three digits (not four): "12,345,678" but not "2,5".
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# A number: optional minus (not when glued to a digit or Latin letter: "5-3" is 3, "x-3" is 3),
+# digits with an optional decimal part, or a bare ".5".
+_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])-)?(?:\d+(?:\.\d+)?|(?<![\d.])\.\d+)")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC-normalise (full-width digits/letters/punctuation -> ASCII) and unify minus signs."""
+    return unicodedata.normalize("NFKC", text).translate(_MINUS)
+
+
+def extract_answer(text: str) -> float | None:
+    """The last number in ``text`` as a float, or None when there is none.
+
+    Full-width digits and punctuation are normalised first and commas that separate thousands
+    are removed, so ``"１，０００"`` and ``"1,000"`` both read as 1000.0, while ``"2,5"`` (not a
+    thousands pattern) reads as the last number, 5.0. Decimals (``3.5``), bare decimals (``.5``)
+    and negatives (``-4``) are read; a hyphen between digits (``5-3``) is not a minus sign.
+
+        >>> extract_answer("12 + 6 = 18。答えは１８です")
+        18.0
+        >>> extract_answer("合計は12,345,678円") == 12345678
+        True
+        >>> extract_answer("気温は-4度"), extract_answer("数字はありません")
+        (-4.0, None)
+    """
+    if not text:
+        return None
+    text = _THOUSANDS.sub("", normalize_text(str(text)))
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    try:
+        return float(matches[-1])
+    except ValueError:  # pragma: no cover - the regex only matches float syntax
+        return None
+
+
+def parse_reference(answer: Any) -> float | None:
+    """A reference answer as a float: numbers as they are, strings by :func:`extract_answer`
+    (so GSM8K's ``"... #### 1,000"`` solutions work too)."""
+    if isinstance(answer, bool) or answer is None:
+        return None
+    if isinstance(answer, (int, float)):
+        return float(answer)
+    return extract_answer(str(answer))
+
+
+def is_correct(response: str, answer: Any, *, rel_tol: float = 1e-6) -> bool:
+    """Whether the last number of ``response`` equals the reference ``answer`` numerically
+    (``"18"``, ``18`` and ``18.0`` are all the same answer)."""
+    predicted = extract_answer(response)
+    reference = parse_reference(answer)
+    if predicted is None or reference is None:
+        return False
+    return abs(predicted - reference) <= rel_tol * max(1.0, abs(reference))
+
+
+# --------------------------------------------------------------------------------------------
+# Language check
+# --------------------------------------------------------------------------------------------
+
+
+def _is_japanese_char(ch: str) -> bool:
+    cp = ord(ch)
+    return (
+        0x3040 <= cp <= 0x30FF  # hiragana, katakana (incl. ー)
+        or 0x31F0 <= cp <= 0x31FF  # katakana phonetic extensions
+        or 0x3400 <= cp <= 0x4DBF  # CJK extension A
+        or 0x4E00 <= cp <= 0x9FFF  # CJK unified ideographs
+        or 0xF900 <= cp <= 0xFAFF  # CJK compatibility ideographs
+        or 0xFF66 <= cp <= 0xFF9F  # half-width katakana
+        or 0x20000 <= cp <= 0x3134F  # CJK extensions B..G
+        or ch in "々〆〇ヵヶ"
+    )
+
+
+def japanese_ratio(text: str) -> float | None:
+    """Share of kana/kanji among the letters of ``text`` (None when it has no letters).
+
+    Letters are characters of Unicode category L*; digits, punctuation, spaces and symbols do
+    not count, so ``"答えは18です。"`` is all Japanese and ``"18 + 6 = 24"`` has no letters.
+    """
+    letters = [ch for ch in normalize_text(text) if unicodedata.category(ch).startswith("L")
+               or ch in "〇"]
+    if not letters:
+        return None
+    return sum(_is_japanese_char(ch) for ch in letters) / len(letters)
+
+
+def is_japanese(text: str, threshold: float = 0.5) -> bool:
+    """Whether kana/kanji make up at least ``threshold`` of the letters of ``text``
+    (the offline stand-in for fastText's language id). Text without letters is not Japanese."""
+    ratio = japanese_ratio(text)
+    return ratio is not None and ratio >= threshold
+
+
+class JapaneseDetector:
+    """Decides whether a response is Japanese.
+
+    With ``model_path`` pointing at fastText's ``lid.176.bin`` (or ``.ftz``) and the ``fasttext``
+    package installed, a text is Japanese when the top label is ``__label__ja`` with probability
+    above 0.5 (as in Sakana's evaluation). Otherwise, and always offline by default, it uses the
+    character rule of :func:`is_japanese`. Nothing is ever downloaded.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, threshold: float = 0.5):
+        self.threshold = threshold
+        self.model = None
+        if model_path is None:
+            return
+        path = Path(model_path).expanduser()
+        if not path.is_file():
+            raise EvomergeError(f"language-id model {str(model_path)!r} does not exist "
+                                "(download lid.176.bin yourself, or drop the option to use the character rule)")
+        try:
+            import fasttext
+        except ImportError:
+            warnings.warn("fasttext is not installed: using the kana/kanji character rule "
+                          "instead of lid.176", stacklevel=2)
+            return
+        self.model = fasttext.load_model(str(path))
+
+    @property
+    def method(self) -> str:
+        return "fasttext" if self.model is not None else "characters"
+
+    def __call__(self, text: str) -> bool:
+        if self.model is None:
+            return is_japanese(text, self.threshold)
+        line = " ".join(text.split())  # fastText predicts on one line
+        if not line:
+            return False
+        try:
+            labels, probs = self.model.predict(line, k=1)
+            label, prob = labels[0], float(probs[0])
+        except ValueError:  # fasttext's wrapper vs NumPy 2 (np.array(copy=False)): use the core
+            prob, label = self.model.f.predict(line, 1, 0.0, "strict")[0]
+        return label == "__label__ja" and float(prob) > 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring records
+# --------------------------------------------------------------------------------------------
+
+
+def score_responses(records: Iterable[dict], detector: JapaneseDetector | None = None) -> dict:
+    """Accuracy of ``{"response", "answer"}`` records.
+
+    Returns ``{"accuracy", "accuracy_ja", "n"}``: ``accuracy`` counts correct answers in any
+    language; ``accuracy_ja`` counts an item only if it is correct **and** its response is
+    Japanese (the EvoLLM-JP metric). Empty input gives zeros.
+    """
+    check = detector or JapaneseDetector()
+    n = correct = correct_ja = 0
+    for record in records:
+        response = str(record.get("response", record.get("output", "")) or "")
+        ok = is_correct(response, record.get("answer"))
+        n += 1
+        correct += ok
+        correct_ja += ok and check(response)
+    return {"accuracy": correct / n if n else 0.0, "accuracy_ja": correct_ja / n if n else 0.0,
+            "n": n}
+
+
+def score_file(path: str | Path, detector: JapaneseDetector | None = None) -> dict:
+    """:func:`score_responses` over a JSONL file whose lines have ``response`` (or ``output``,
+    as the evaluator writes) and ``answer``; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"{path}: no such file")
+    rows = read_jsonl(path, numbered=True)
+    for lineno, row in rows:
+        if "response" not in row and "output" not in row:
+            raise EvomergeError(f"{path}:{lineno}: missing field 'response'")
+        if "answer" not in row:
+            raise EvomergeError(f"{path}:{lineno}: missing field 'answer'")
+    return score_responses((row for _, row in rows), detector)
+
+
+# --------------------------------------------------------------------------------------------
+# Problems and prompt
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_PROMPT = (
+    "以下は、ある課題についての指示です。指示に従い、考え方と答えを日本語で書いてください。"
+    "最後に答えの数値を書いてください。\n\n"
+    "### 指示:\n{question}\n\n"
+    "### 応答:\n一歩一歩考えましょう。"
+)
+DEFAULT_STOP = ["### 指示", "### Instruction", "### 応答", "### Response"]
+
+
+def _data_spec(spec: dict) -> dict:
+    """The data part of an evaluator spec: its ``data`` block (or the spec itself when the
+    source keys are at top level), with top-level ``limit``/``offset`` applied unless the data
+    block sets its own."""
+    data = dict(spec["data"]) if isinstance(spec.get("data"), dict) else dict(spec)
+    if isinstance(spec.get("data"), str):
+        data = {"path": spec["data"]}
+    for key in ("limit", "offset", "question_field", "answer_field"):
+        if key in spec and key not in data:
+            data[key] = spec[key]
+    return data
+
+
+def _as_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def load_problems(spec: dict) -> list[dict]:
+    """Math problems as ``[{"question": str, "answer": int | float}, ...]``.
+
+    ``spec`` is a data spec (see :mod:`evomerge.evaluators.data`: ``path`` or ``hub``,
+    ``config``, ``split``, ``offset``, ``limit``) or an evaluator spec holding one under
+    ``data``. Field mapping: ``question_field`` (default ``"question"``) and ``answer_field``
+    (default ``"answer_number"`` as in MGSM, else ``"answer"``; string answers such as GSM8K's
+    ``"... #### 18"`` are read by their last number).
+
+        >>> load_problems({"hub": "juletxara/mgsm", "config": "ja", "limit": 250})  # doctest: +SKIP
+    """
+    data = _data_spec(spec)
+    where = data.get("path") or data.get("hub")
+    rows = load_rows(data)
+    q_field = data.get("question_field") or "question"
+    a_field = data.get("answer_field")
+    offset = int(data.get("offset") or 0)
+    problems = []
+    for i, row in enumerate(rows):
+        where_row = f"{where}: row {offset + i + 1}"
+        if q_field not in row:
+            raise EvomergeError(f"{where_row}: missing question field {q_field!r} "
+                                f"(fields: {', '.join(map(str, row))}; set question_field)")
+        field = a_field or ("answer_number" if "answer_number" in row else "answer")
+        if field not in row:
+            raise EvomergeError(f"{where_row}: missing answer field {field!r} "
+                                f"(fields: {', '.join(map(str, row))}; set answer_field)")
+        answer = parse_reference(row[field])
+        if answer is None:
+            raise EvomergeError(f"{where_row}: answer {row[field]!r} has no number")
+        problems.append({"question": str(row[q_field]), "answer": _as_number(answer)})
+    if not problems:
+        raise EvomergeError(f"{where}: no problems (check the file, split, offset and limit)")
+    return problems
+
+
+def format_prompt(question: str, template: str = DEFAULT_PROMPT) -> str:
+    """The prompt for one question: ``template`` with ``{question}`` replaced (other braces
+    are left alone, so templates may contain JSON or LaTeX)."""
+    if "{question}" not in template:
+        raise EvomergeError("evaluator prompt: the template must contain '{question}'")
+    return template.replace("{question}", question)
+
+
+def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
+    """``text`` up to the earliest stop string (unchanged when none occurs)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    """A tokenizer for batched generation: left padding, with a pad token (eos if none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except Exception as e:
+        raise EvomergeError(f"tokenizer {str(source)!r}: could not load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Set left padding and make sure a pad token exists (decoder-only batching needs both)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise EvomergeError("tokenizer has neither a pad nor an eos token; cannot batch")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class JaMathEvaluator:
+    """MGSM-JA-style accuracy of a transformers causal LM.
+
+    Spec keys (all optional but the data source):
+
+    - ``data``: a data spec (``path``/``hub``, ``config``, ``split``...; see :func:`load_problems`),
+      or the same keys at top level; ``limit`` and ``offset`` may sit at top level too.
+    - ``prompt``: a template with ``{question}`` (default: :data:`DEFAULT_PROMPT`).
+    - ``chat``: wrap the prompt in the tokenizer's chat template (default false).
+    - ``max_new_tokens`` (512), ``batch_size`` (8), ``stop`` (:data:`DEFAULT_STOP`; eos always stops).
+    - ``require_japanese`` (true): score is ``accuracy_ja``; false makes it ``accuracy``.
+    - ``language_model``: path of fastText ``lid.176.bin`` for the language check.
+
+    Generation is greedy with left padding; prompts are sorted by length so a batch wastes
+    little padding, and results come back in data order. Problems and the tokenizer are loaded
+    once, here; each call only generates and scores.
+    """
+
+    name = "ja_math"
+
+    def __init__(self, spec: dict, tokenizer_path: str | Path | None = None, *,
+                 tokenizer: Any = None):
+        self.spec = spec
+        self.problems = load_problems(spec)
+        self.template = spec.get("prompt") or DEFAULT_PROMPT
+        self.prompts = [format_prompt(p["question"], self.template) for p in self.problems]
+        self.max_new_tokens = int(spec.get("max_new_tokens", 512))
+        self.batch_size = int(spec.get("batch_size", 8))
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise EvomergeError("evaluator: max_new_tokens and batch_size must be >= 1")
+        stop = spec.get("stop", DEFAULT_STOP)
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        self.require_japanese = bool(spec.get("require_japanese", True))
+        self.detector = JapaneseDetector(spec.get("language_model"))
+        if tokenizer is None:
+            source = tokenizer_path or spec.get("tokenizer")
+            if source is None:
+                raise EvomergeError("evaluator ja_math: no tokenizer (give the model to take it from)")
+            tokenizer = load_tokenizer(source)
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.inputs = [self._render(p) for p in self.prompts]
+        self.native_stop = self._native_stop_ok()
+
+    def _native_stop_ok(self) -> bool:
+        """Whether transformers' ``stop_strings`` works with this tokenizer (it ends sequences
+        early, saving generation time); some tokenizers cannot build its tables. Outputs are
+        truncated after decoding either way, so this only affects speed."""
+        if not self.stop:
+            return False
+        try:
+            from transformers.generation.stopping_criteria import StopStringCriteria
+
+            StopStringCriteria(stop_strings=self.stop, tokenizer=self.tokenizer)
+        except Exception:
+            return False
+        return True
+
+    def _render(self, prompt: str) -> str:
+        if not self.spec.get("chat"):
+            return prompt
+        try:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        except Exception as e:
+            raise EvomergeError(f"evaluator ja_math: chat: true but the tokenizer has no usable "
+                                f"chat template ({type(e).__name__})") from None
+
+    def _eos_ids(self, model) -> list[int]:
+        ids: list[int] = []
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            if value is None:
+                continue
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if int(v) not in ids:
+                    ids.append(int(v))
+        return ids
+
+    def generate(self, model: Any, texts: list[str]) -> list[str]:
+        """Greedy completions of ``texts`` (already rendered prompts), stop strings cut off."""
+        import torch
+        from transformers import GenerationConfig
+
+        device = next(model.parameters()).device
+        eos = self._eos_ids(model)
+        config = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens,
+                                  pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=eos or None,
+                                  stop_strings=self.stop if self.native_stop else None)
+        extra = {"tokenizer": self.tokenizer} if self.native_stop else {}
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        outputs: list[str] = [""] * len(texts)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
+                enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                with torch.inference_mode():
+                    out = model.generate(**enc, generation_config=config, **extra)
+                new = out[:, enc["input_ids"].shape[1]:]
+                for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+                    outputs[i] = truncate_at_stop(text, self.stop)
+        finally:
+            model.train(was_training)
+        return outputs
+
+    def __call__(self, runnable: Any) -> Result:
+        outputs = self.generate(runnable, self.inputs)
+        items = []
+        for prompt, problem, output in zip(self.prompts, self.problems, outputs, strict=True):
+            predicted = extract_answer(output)
+            correct = is_correct(output, problem["answer"])
+            items.append({"prompt": prompt, "question": problem["question"], "output": output,
+                          "answer": problem["answer"],
+                          "predicted": None if predicted is None else _as_number(predicted),
+                          "correct": correct, "japanese": self.detector(output)})
+        n = len(items)
+        accuracy = sum(it["correct"] for it in items) / n
+        accuracy_ja = sum(it["correct"] and it["japanese"] for it in items) / n
+        metrics = {"accuracy": accuracy, "accuracy_ja": accuracy_ja, "n": float(n)}
+        return Result(score=accuracy_ja if self.require_japanese else accuracy, metrics=metrics,
+                      items=items)
