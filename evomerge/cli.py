@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -21,10 +22,28 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="load .bin/.pt
 TrustCode = Annotated[bool, typer.Option("--trust-remote-code", help="allow model code from the Hub")]
 
 
+class TieOrder(str, Enum):
+    """How TIES breaks magnitude ties at the top-k threshold."""
+
+    index = "index"
+    mergekit = "mergekit"
+
+
 def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def recipe_and_values(path: Path):
+    """A recipe file (its fixed values), or a run folder (its recipe and best values)."""
+    from evomerge.recipe import load_recipe
+
+    if path.is_dir():
+        from evomerge.pipelines.evolve import best_values
+
+        return load_recipe(path / "recipe.yaml"), best_values(path)
+    return load_recipe(path), {}
 
 
 @app.command()
@@ -35,15 +54,19 @@ def merge(
     device: Device = "",
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
+    tie_order: Annotated[TieOrder | None, typer.Option(
+        "--tie-order", help="TIES magnitude ties at the top-k threshold: lowest index first "
+        "(index) or as mergekit breaks them (mergekit); overrides the recipe")] = None,
 ) -> None:
     """Merge models once, with the values the recipe fixes, into a folder stock loaders read."""
     from evomerge.pipelines.merge import merge_to_folder, open_session
-    from evomerge.recipe import load_recipe
 
-    recipe = load_recipe(config)
+    recipe, values = recipe_and_values(config)
+    if tie_order is not None:
+        recipe.merge.tie_order = tie_order.value
     session = open_session(recipe, device=device or default_device(), allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
-    merge_to_folder(session, out, force=force)
+    merge_to_folder(session, out, values, force=force)
     typer.echo(f"wrote {out}")
 
 
@@ -53,16 +76,97 @@ def recipe_export(
     mergekit: Annotated[bool, typer.Option("--mergekit", help="write mergekit's YAML")] = True,
 ) -> None:
     """Print a parameter-space recipe as mergekit YAML."""
-    from evomerge.recipe import load_recipe, to_mergekit
+    from evomerge.recipe import to_mergekit
 
-    recipe = load_recipe(recipe_path)
-    typer.echo(yaml.safe_dump(to_mergekit(recipe), sort_keys=False, allow_unicode=True), nl=False)
+    recipe, values = recipe_and_values(recipe_path)
+    typer.echo(yaml.safe_dump(to_mergekit(recipe, values), sort_keys=False, allow_unicode=True), nl=False)
 
 
 @app.command()
 def demo() -> None:
     """Build the CPU mini-world and watch evolution beat its sources (not yet available)."""
     typer.echo("evomerge demo: not yet (the mini-world lands with its own issue)")
+
+
+@app.command()
+def evolve(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="evomerge recipe with merge.search and evaluator")],
+    trials: Annotated[int | None, typer.Option(help="total finished trials to reach (resumes)")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in the run folder)")] = None,
+    sampler: Annotated[str | None, typer.Option(help="cmaes (default), random or tpe")] = None,
+    export_best: Annotated[bool, typer.Option("--export-best", help="write the best model to RUN/best")] = False,
+    device: Device = "",
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustCode = False,
+) -> None:
+    """Search merge values with CMA-ES, scoring each trial's merged model; rerun to resume."""
+    from evomerge.pipelines.evolve import Evolution
+
+    evo = Evolution(recipe_path, run_dir=run_dir, storage=storage, sampler=sampler,
+                    device=device or default_device(), allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code)
+    outcome = evo.run(trials, export_best=export_best)
+    typer.echo(f"best score {outcome.best_value} in {outcome.run_dir} (values in best.json)")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder written by evolve")]) -> None:
+    """Plots and tables of a run: history, chosen values, summary, dashboard command."""
+    from evomerge.pipelines.report import write_report
+
+    files = write_report(run_dir)
+    for key in ("history", "values", "summary", "html"):
+        typer.echo(f"{key}: {files[key]}")
+    typer.echo(f"dashboard: optuna-dashboard {files['storage']}")
+
+
+@app.command()
+def plan(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What a recipe costs, from configs only: searched values, population, memory."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.pipelines.plan import make_plan
+    from evomerge.recipe import load_recipe
+
+    p = make_plan(load_recipe(recipe_path)).as_dict()
+    if as_json:
+        typer.echo(json.dumps(p, indent=2))
+        return
+    table = Table(title=f"plan: {p['recipe']}", show_header=False)
+    for k, v in p.items():
+        table.add_row(k.replace("_", " "), str(v))
+    Console().print(table)
+
+
+score_app = typer.Typer(no_args_is_help=True, help="Re-score saved outputs without a model.")
+app.add_typer(score_app, name="score")
+
+
+@score_app.command("ja-math")
+def score_ja_math(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with response and answer")]) -> None:
+    """Accuracy of saved responses: last number, and Japanese-only (the paper's score)."""
+    import json
+
+    from evomerge.evaluators.ja_math import score_file
+
+    typer.echo(json.dumps(score_file(path)))
+
+
+@score_app.command("ja-rouge")
+def score_ja_rouge(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with prediction and reference")]) -> None:
+    """Mean ROUGE-L (F x 100, MeCab words) of saved VQA answers; non-Japanese answers score 0."""
+    import json
+
+    from evomerge.evaluators.ja_vqa import score_file as score_rouge_file
+
+    typer.echo(json.dumps(score_rouge_file(path), ensure_ascii=False))
 
 
 def main() -> None:

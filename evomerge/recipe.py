@@ -9,14 +9,14 @@ An evomerge recipe names its models, a merge method with fixed and searched valu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 
-Scalar = Union[bool, float, int]
+Scalar = bool | float | int
 
 
 class Conditional(BaseModel):
@@ -24,11 +24,11 @@ class Conditional(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Union[Scalar, list[float]]
+    value: Scalar | list[float]
 
 
 # A fixed value: a number, a list interpolated over depth (mergekit "gradient"), or filters.
-Value = Union[Scalar, list[float], list[Conditional]]
+Value = Scalar | list[float] | list[Conditional]
 
 
 class ModelSpec(BaseModel):
@@ -62,13 +62,55 @@ class SearchSpec(BaseModel):
     separable: bool = False
 
 
+class PSRef(BaseModel):
+    """A DFS model that is the exported best of a parameter-space study (PS+DFS)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ps_run: str | None = Field(None, description="run folder of a PS study (its best is exported if needed)")
+    ps_recipe: str | None = Field(None, description="PS recipe, evolved first when its run has no export")
+    run_dir: str | None = Field(None, description="with ps_recipe: its run folder (default runs/<its name>)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.ps_run is None) == (self.ps_recipe is None):
+            raise ValueError("give exactly one of ps_run or ps_recipe")
+        if self.run_dir and self.ps_run:
+            raise ValueError("run_dir goes with ps_recipe; ps_run already names the run folder")
+        return self
+
+
+class DFSSpec(BaseModel):
+    """Data-flow-space merge: a path through the layers of A and B (evomerge.merging.dfs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_a: str | PSRef = Field(description="gives the embeddings, head, tokenizer, first and last layers")
+    model_b: str | PSRef
+    repeats: int = Field(3, ge=1, description="r: the A-then-B layer sequence is repeated r times")
+    scales: Literal["per_target", "full", "none"] = Field(
+        "per_target", description="searched hand-over scales: one per target layer, the paper's full "
+        "W (every non-natural pair), or none")
+    scale_bounds: tuple[float, float] = (0.5, 1.5)
+    indicator_margin: float = Field(
+        0.5, ge=0, lt=1, description="box-centre offset of the indicators: the CMA-ES mean keeps A's layers")
+    fold: Literal["auto", "always", "never"] = Field(
+        "auto", description="fold scales into o_proj/down_proj on export (auto: when exact for the architecture)")
+
+    @field_validator("scale_bounds")
+    @classmethod
+    def _positive_scales(cls, v):
+        if not 0 < v[0] < v[1]:
+            raise ValueError(f"scale_bounds {list(v)}: need 0 < low < high")
+        return v
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "merge"
     modality: Literal["causal_lm", "vlm", "sdxl"] = "causal_lm"
     base: str | None = Field(None, description="base model for task vectors (Hub id or folder)")
-    models: list[ModelSpec]
-    merge: MergeSpec
+    models: list[ModelSpec] = Field(default_factory=list)
+    merge: MergeSpec | None = None
+    dfs: DFSSpec | None = Field(None, description="a data-flow-space merge instead of models + merge")
     reference: str | None = Field(
         None, description="label of the model whose architecture, config and tokenizer the output takes")
     dtype: str | None = Field(None, description="merge and output dtype; default: the reference's")
@@ -85,11 +127,19 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _labels_unique(self):
+        if self.dfs is not None:  # a DFS recipe names its two models in dfs:
+            if self.models or self.merge or self.base:
+                raise ValueError("a dfs recipe takes its models from dfs.model_a/model_b: drop models, merge and base")
+            if self.modality != "causal_lm":
+                raise ValueError("dfs merges need modality causal_lm")
+            return self
         labels = [m.label for m in self.models]
         if len(set(labels)) != len(labels):
             raise ValueError(f"two models share the label {labels}: give each a distinct `name`")
         if not self.models:
             raise ValueError("`models` is empty: name at least one model to merge")
+        if self.merge is None:
+            raise ValueError("`merge` is missing: give a merge method (or a dfs: block)")
         return self
 
 
@@ -117,11 +167,18 @@ def from_mergekit(data: dict) -> dict:
     if method == "slerp" and base:
         models.insert(0, {"model": base})  # slerp goes from the base (t=0) to the other model
         base = None
+    parameters = dict(data.get("parameters") or {})
+    merge: dict[str, Any] = {"method": method, "parameters": parameters}
+    if method in ("dare_ties", "dare_linear"):
+        # mergekit's DARE rescales to preserve the L1 norm (its `rescale`, default on).
+        merge["rescale"] = "l1" if parameters.pop("rescale", True) else "none"
+    if "tie_order" in data:  # evomerge extension: how TIES breaks magnitude ties
+        merge["tie_order"] = data["tie_order"]
     return {
         "name": data.get("name", "mergekit-merge"),
         "base": base,
         "models": models,
-        "merge": {"method": method, "parameters": data.get("parameters") or {}},
+        "merge": merge,
         "dtype": data.get("dtype"),
     }
 

@@ -123,7 +123,8 @@ class ValueTable:
             if p.bounds is None:
                 continue
             values = per_source[p.name] if p.per_source else [shared[p.name]]
-            for v in values:
+            owners = [f"model {s}" for s in self.sources] if p.per_source else ["merge.parameters"]
+            for v, who in zip(values, owners, strict=True):
                 if not p.bounds[0] <= float(v) <= p.bounds[1]:
                     raise EvomergeError(
-                        f"{p.name}={v} for tensor {tensor_name} is outside {list(p.bounds)}; fix the recipe")
+                        f"{who}: {p.name}={v} for tensor {tensor_name} is outside {list(p.bounds)}; fix the recipe")

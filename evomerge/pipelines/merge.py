@@ -83,6 +83,12 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
     if len(set(families.values())) > 1:
         raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
     reference = _pick_reference(recipe, adapter, base, sources)
+    if recipe.modality == "causal_lm":  # a tensor the reference lacks would vanish from the output
+        for s in ([base] if base else []) + sources:
+            extra = next((n for n in s.names() if n not in reference), None)
+            if extra is not None:
+                raise EvomergeError(f"model {reference.label}: tensor {extra} is missing (present in "
+                                    f"{s.label}); merge models of the same architecture")
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(reference)
     engine = MergeEngine(adapter, reference, base, sources, method, dtype=dtype, device=device,
                          seed=recipe.seed, tie_order=recipe.merge.tie_order,
@@ -139,7 +145,7 @@ def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, floa
         groups = session.adapter.groups([j.name for j in engine.jobs])
         with progress_bar("merging", total=len(groups), enabled=show_progress) as advance:
             current = None
-            for job, tensor in engine.iter_merged(table):
+            for job, tensor in engine.iter_merged(table, reuse_buffers=True):
                 if job.group != current:
                     current = job.group
                     advance(job.group)

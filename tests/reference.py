@@ -1,0 +1,78 @@
+"""Straightforward reference implementations of the merge methods, written independently of
+evomerge's (sorts instead of selection, float64, one source at a time), for the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def topk_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Mask of the max(1, int(density*n)) largest |delta|, ties taken lowest index first."""
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    k = max(1, int(density * n))
+    mag = delta.abs().reshape(-1).double()
+    order = torch.sort(-mag, stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.reshape(delta.shape)
+
+
+def ties(base, models, weights, densities, *, normalize=True, lam=1.0):
+    """TIES as mergekit defines it, in float64: trim, elect sign of the weighted sum, average."""
+    base64 = base.double()
+    weighted, kept_weights = [], []
+    for m, w, d in zip(models, weights, densities, strict=True):
+        delta = (m - base).double()  # the delta rounds as the merge's dtype does
+        trimmed = torch.where(topk_keep(delta, d), delta, torch.zeros_like(delta))
+        weighted.append(trimmed * w)
+        kept_weights.append(w)
+    total = sum(weighted)
+    sign = torch.where(total >= 0, 1.0, -1.0).double()
+    mixed = torch.zeros_like(base64)
+    divisor = torch.zeros_like(base64)
+    for wd, w in zip(weighted, kept_weights, strict=True):
+        agree = torch.sign(wd) == sign
+        mixed += torch.where(agree, wd, 0.0)
+        divisor += torch.where(agree, w, 0.0)
+    if normalize:
+        mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+    return base64 + lam * mixed
+
+
+def task_arithmetic(base, models, weights, *, lam=1.0, normalize=False):
+    base64 = base.double()
+    mixed = sum(w * (m - base).double() for m, w in zip(models, weights, strict=True))
+    if normalize:
+        mixed = mixed / sum(weights)
+    return base64 + lam * mixed
+
+
+def linear(models, weights, *, normalize=True):
+    out = sum(w * m.double() for m, w in zip(models, weights, strict=True))
+    return out / sum(weights) if normalize else out
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995):
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    dot = float(torch.dot(a64 / a64.norm(), b64 / b64.norm()))
+    dot = max(-1.0, min(1.0, dot))
+    if abs(dot) > dot_threshold:
+        out = (1 - t) * a64 + t * b64
+    else:
+        theta = math.acos(dot)
+        out = (math.sin((1 - t) * theta) * a64 + math.sin(t * theta) * b64) / math.sin(theta)
+    return out.reshape(a.shape)
+
+
+def gradient(values, depth: float) -> float:
+    """mergekit's per-layer value: a list interpolated linearly over depth 0..1."""
+    if not isinstance(values, list):
+        return values
+    scaled = depth * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    return (1 - (scaled - i0)) * values[i0] + (scaled - i0) * values[i1]
