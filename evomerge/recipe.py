@@ -27,8 +27,9 @@ class Conditional(BaseModel):
     value: Scalar | list[float]
 
 
-# A fixed value: a number, a list interpolated over depth (mergekit "gradient"), or filters.
-Value = Scalar | list[float] | list[Conditional]
+# A fixed value: a number, a list interpolated over depth (mergekit "gradient"), or filters
+# (a list of them, or one alone as mergekit also allows).
+Value = Scalar | list[float] | list[Conditional] | Conditional
 
 
 class ModelSpec(BaseModel):

@@ -88,6 +88,13 @@ def test_unknown_method(llama_fp32, tmp_path, evomerge_cli):
     assert "frobnicate" in msg and "ties" in msg
 
 
+def test_misspelt_value_name(llama_fp32, tmp_path, evomerge_cli):
+    cfg = ties_cfg(llama_fp32["base"], llama_fp32["m1"])
+    cfg["models"][0]["parameters"]["densty"] = 0.5
+    msg = refused(evomerge_cli, write(tmp_path / "c.yaml", cfg), tmp_path / "out")
+    assert "'densty'" in msg and "density" in msg and "models[m1].parameters" in msg
+
+
 def test_value_out_of_range(llama_fp32, tmp_path, evomerge_cli):
     cfg = ties_cfg(llama_fp32["base"], llama_fp32["m1"], llama_fp32["m2"], density=1.5)
     msg = refused(evomerge_cli, write(tmp_path / "c.yaml", cfg), tmp_path / "out")

@@ -61,6 +61,8 @@ def evaluate_value(value: Value, tensor_name: str, depth: float) -> float | bool
     """A fixed value for one tensor: lists interpolate over depth (0..1), filters match names."""
     if isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, Conditional):
+        value = [value]
     if value and all(isinstance(v, Conditional) for v in value):
         for cond in value:
             if cond.filter in (None, "*") or cond.filter in tensor_name:

@@ -77,6 +77,7 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
     """Open every model of the recipe lazily and validate the merge (no weights read yet)."""
     adapter = get_adapter(recipe.modality, grouping=recipe.grouping, trust_remote_code=trust_remote_code)
     method = get_method(recipe.merge.method)
+    check_parameter_names(recipe, method)
     base = adapter.open(recipe.base, "base", allow_pickle=allow_pickle) if recipe.base else None
     sources = [adapter.open(m.model, m.label, allow_pickle=allow_pickle) for m in recipe.models]
     families = {s.label: _family(s) for s in ([base] if base else []) + sources}
@@ -96,6 +97,22 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
     groups = adapter.groups([j.name for j in engine.jobs if j.merge])
     space = SearchSpace.from_spec(recipe.merge, method, [s.label for s in sources], groups)
     return MergeSession(recipe, adapter, reference, base, sources, engine, space)
+
+
+# mergekit options with no effect on the result here (int8_mask only saves memory there).
+IGNORED_MERGEKIT_KEYS = {"int8_mask"}
+
+
+def check_parameter_names(recipe: Recipe, method) -> None:
+    """A misspelt value name would silently merge with defaults: refuse it."""
+    known = {p.name for p in method.params}
+    places = [("merge.parameters", recipe.merge.parameters)] + [
+        (f"models[{m.label}].parameters", m.parameters) for m in recipe.models]
+    for where, params in places:
+        for key in params:
+            if key not in known and key not in IGNORED_MERGEKIT_KEYS:
+                raise EvomergeError(f"{where}: {key!r} is not a value of method {method.name!r} "
+                                    f"(it takes: {', '.join(sorted(known))})")
 
 
 def _stored_dtype(source: TensorSource) -> torch.dtype:
