@@ -62,6 +62,16 @@ def merge(
     from evomerge.pipelines.merge import merge_to_folder, open_session
 
     recipe, values = recipe_and_values(config)
+    if recipe.dfs is not None:  # a DFS run folder: write its best path as a stock checkpoint
+        from evomerge.merging.dfs import DFSCandidates
+
+        if not values:
+            raise EvomergeError(f"{config}: a dfs recipe fixes no path; pass the run folder evolve wrote")
+        candidates = DFSCandidates(recipe, device=device or default_device(), allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
+        candidates.export(values, out, force=force)
+        typer.echo(f"wrote {out}")
+        return
     if tie_order is not None:
         recipe.merge.tie_order = tie_order.value
     session = open_session(recipe, device=device or default_device(), allow_pickle=allow_pickle,

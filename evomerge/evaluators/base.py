@@ -68,6 +68,7 @@ EvaluatorFactory = Callable[[dict, "str | Path | None"], Evaluator]
 # kind -> factory, or "module:attribute" of a factory imported on first use.
 EVALUATORS: dict[str, EvaluatorFactory | str] = {
     "ja_math": "evomerge.evaluators.ja_math:JaMathEvaluator",
+    "ja_vqa": "evomerge.evaluators.ja_vqa:JaVQAEvaluator",
     "python": "evomerge.evaluators.base:PythonEvaluator",
 }
 

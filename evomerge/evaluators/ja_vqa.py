@@ -1,0 +1,494 @@
+"""Japanese visual question answering (JA-VG-VQA-500, JA-VLM-Bench-In-the-Wild): ROUGE-L on MeCab tokens.
+
+This follows the EvoVLM-JP evaluation (Akiba et al., 2024; Sakana AI's ``evomerge/eval``): the
+VLM answers one question per image with beam search (5 beams, repetition penalty 1.5, up to 512
+new tokens), and each answer is compared with the reference by **ROUGE-L F-measure x 100**
+computed on **MeCab words** (fugashi + unidic-lite, wakati output) after a neologdn-style
+normalisation. A prediction that is **not Japanese** counts as the empty string when the
+reference is Japanese, so a model that answers well in English scores nothing.
+
+One departure, on purpose: Sakana averaged with rouge_score's ``BootstrapAggregator`` (whose
+"mid" is a resampled estimate of the mean); here the score is the plain mean of the per-item
+F-measures, which is what the bootstrap estimates, without its sampling noise.
+
+The scoring functions are pure and usable on their own, e.g. to re-score saved outputs::
+
+    >>> normalize_ja("ＡＢＣ　１２３ です 。")
+    'ABC 123です。'
+    >>> mecab_tokens("白い犬です")
+    ['白い', '犬', 'です']
+    >>> round(rouge_l("白い犬です", "白い猫です"), 2)
+    66.67
+    >>> rouge_l("A white dog.", "白い犬")     # not Japanese: scored as empty
+    0.0
+    >>> score_pairs([{"prediction": "白い犬", "reference": "白い犬"},
+    ...              {"prediction": "黒い", "reference": "白い"}])
+    {'rougeL': 50.0, 'n': 2}
+
+:class:`JaVQAEvaluator` runs the whole thing on a LLaVA / LLaVA-NeXT model with its processor;
+its ``score`` is the mean ROUGE-L with the Japanese rule (Sakana's ``rougeL_ja``).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import unicodedata
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluators.base import Result
+from evomerge.evaluators.data import load_rows, read_jsonl
+from evomerge.evaluators.ja_math import JapaneseDetector, is_japanese
+
+# --------------------------------------------------------------------------------------------
+# Normalisation (neologdn-style, in pure Python: neologdn needs a C++ build)
+# --------------------------------------------------------------------------------------------
+
+# A run of hyphen-like characters becomes one ASCII hyphen; dash / long-vowel look-alikes
+# become "ー".
+_HYPHENS = re.compile("[˗֊‐‑‒–⁃⁻₋−]+")
+_CHOONPU = str.maketrans({c: "ー" for c in "﹣－ｰ—―─━"})
+# Tildes and wave dashes are dropped (neologdn does the same).
+_TILDES = str.maketrans({c: None for c in "~∼∾〜〰～"})
+_LONG_VOWELS = re.compile("ー+")
+# Emoji and pictographs: the blocks Sakana's regex removes, plus the other emoji blocks and the
+# joiners / selectors that glue emoji sequences together.
+_EMOJI = re.compile(
+    "["
+    "\U0001F000-\U0001FAFF"  # mahjong .. symbols & pictographs extended-A (emoticons, flags...)
+    "\U00002600-\U000027BF"  # miscellaneous symbols, dingbats
+    "\U00002B00-\U00002BFF"  # arrows and stars (⭐, ⬆)
+    "\U0000FE00-\U0000FE0F"  # variation selectors
+    "\U0001F3FB-\U0001F3FF"  # skin tones
+    "\u200d\u20e3"           # zero-width joiner, combining keycap
+    "\U000E0020-\U000E007F"  # tag characters (subdivision flags)
+    "]+",
+    flags=re.UNICODE,
+)
+# Characters between which a space carries no meaning: kana, kanji, CJK punctuation and the
+# ASCII side of mixed text is handled by the rules below.
+_JA = r"\u3000-\u303f\u3040-\u309f\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+_BASIC_LATIN = r"\u0021-\u007e"
+_SPACE_JA_JA = re.compile(rf"(?<=[{_JA}]) +(?=[{_JA}])")
+_SPACE_JA_LATIN = re.compile(rf"(?<=[{_JA}]) +(?=[{_BASIC_LATIN}])|(?<=[{_BASIC_LATIN}]) +(?=[{_JA}])")
+
+
+def remove_emoji(text: str) -> str:
+    """``text`` without emoji, pictographs, flags and the joiners that combine them."""
+    return _EMOJI.sub("", text)
+
+
+def normalize_ja(text: str) -> str:
+    """Normalise Japanese text for comparison, the way neologdn does for Sakana's metric.
+
+    - emoji removed;
+    - NFKC: full-width letters, digits and symbols become ASCII (``ＡＢＣ１２３！`` -> ``ABC123!``),
+      half-width katakana become full-width (``ﾊﾝｶｸ`` -> ``ハンカク``);
+    - a run of hyphen variants becomes one ``-``; dash-like long-vowel marks become ``ー`` and runs of ``ー``
+      one ``ー``; tildes and wave dashes are dropped;
+    - whitespace (full-width spaces and newlines included) collapsed to one space, removed at
+      the ends, between two Japanese characters and between Japanese and ASCII
+      (``検索 エンジン`` -> ``検索エンジン``), kept between ASCII words (``Natural Language``).
+    """
+    text = remove_emoji(text)
+    text = _HYPHENS.sub("-", text.translate(_CHOONPU))
+    text = unicodedata.normalize("NFKC", text).translate(_TILDES)
+    text = _LONG_VOWELS.sub("ー", text)
+    text = " ".join(text.split())
+    text = _SPACE_JA_JA.sub("", text)
+    return _SPACE_JA_LATIN.sub("", text)
+
+
+# --------------------------------------------------------------------------------------------
+# MeCab tokens and ROUGE-L
+# --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _tagger() -> Any:
+    """One MeCab tagger in wakati mode (space-separated surface forms). fugashi finds the
+    unidic-lite dictionary by itself when it is installed."""
+    try:
+        from fugashi import Tagger
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise EvomergeError(f"ja_vqa scoring needs fugashi and unidic-lite ({e})") from None
+    try:
+        return Tagger("-Owakati")
+    except Exception as e:  # pragma: no cover - no dictionary
+        raise EvomergeError(f"MeCab could not start (is unidic-lite installed?): {e}") from None
+
+
+def mecab_tokens(text: str) -> list[str]:
+    """The surface forms MeCab (unidic-lite) splits ``text`` into, after :func:`normalize_ja`."""
+    normalized = normalize_ja(text)
+    if not normalized:
+        return []
+    return _tagger().parse(normalized).split()
+
+
+class MecabTokenizer:
+    """The ``tokenize(text) -> list[str]`` object rouge_score's RougeScorer accepts."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return mecab_tokens(text)
+
+
+@lru_cache(maxsize=1)
+def _scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=MecabTokenizer())
+
+
+def japanese_rule(prediction: str, reference: str,
+                  detector: JapaneseDetector | None = None) -> str:
+    """The prediction to score: ``""`` when the reference is Japanese and the prediction is not
+    (Sakana's rule, with the character test of :func:`is_japanese` unless a fastText
+    ``detector`` is given); else the prediction unchanged."""
+    check = detector or is_japanese
+    if check(reference) and not check(prediction):
+        return ""
+    return prediction
+
+
+def rouge_l(prediction: str, reference: str, *, require_japanese: bool = True,
+            detector: JapaneseDetector | None = None) -> float:
+    """ROUGE-L F-measure x 100 (0..100) of ``prediction`` against ``reference`` on MeCab words.
+
+    With ``require_japanese`` (the default, as in the paper) a non-Japanese prediction for a
+    Japanese reference scores as the empty string, i.e. 0.
+    """
+    if require_japanese:
+        prediction = japanese_rule(prediction, reference, detector)
+    return _scorer().score(reference, prediction)["rougeL"].fmeasure * 100.0
+
+
+def score_pairs(records: Iterable[dict], *, require_japanese: bool = True,
+                detector: JapaneseDetector | None = None) -> dict:
+    """Mean ROUGE-L of ``{"prediction", "reference"}`` records: ``{"rougeL": mean F x 100, "n"}``.
+
+    ``output`` and ``answer`` are accepted for ``prediction`` and ``reference`` (the evaluator's
+    item fields). The mean is of per-item F-measures (no bootstrap); empty input gives 0.
+    """
+    scores = []
+    for record in records:
+        prediction = record.get("prediction", record.get("output", ""))
+        reference = record.get("reference", record.get("answer", ""))
+        scores.append(rouge_l(str(prediction or ""), str(reference or ""),
+                              require_japanese=require_japanese, detector=detector))
+    return {"rougeL": sum(scores) / len(scores) if scores else 0.0, "n": len(scores)}
+
+
+def score_file(path: str | Path, *, require_japanese: bool = True) -> dict:
+    """:func:`score_pairs` over a JSONL file whose lines have ``prediction`` and ``reference``
+    (strings); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"{path}: no such file")
+    rows = read_jsonl(path, numbered=True)
+    for lineno, row in rows:
+        for key in ("prediction", "reference"):
+            if key not in row:
+                raise EvomergeError(f"{path}:{lineno}: missing field {key!r}")
+            if row[key] is not None and not isinstance(row[key], str):
+                raise EvomergeError(f"{path}:{lineno}: field {key!r} must be a string, "
+                                    f"got {type(row[key]).__name__}")
+    return score_pairs((row for _, row in rows), require_japanese=require_japanese)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: images, questions, answers
+# --------------------------------------------------------------------------------------------
+
+
+def load_image(value: Any, *, root: Path | None = None, where: str = "image") -> Any:
+    """A PIL RGB image from what a data set stores: a PIL image, raw bytes, a ``datasets``
+    Image dict (``{"bytes": ..., "path": ...}``), or a file path (relative paths are tried
+    against ``root``, the data file's folder, then the working directory)."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return load_image(value["bytes"], root=root, where=where)
+        if value.get("path"):
+            return load_image(value["path"], root=root, where=where)
+        raise EvomergeError(f"{where}: image dict has neither 'bytes' nor 'path'")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            with Image.open(io.BytesIO(bytes(value))) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise EvomergeError(f"{where}: image bytes cannot be decoded ({type(e).__name__})") from None
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        candidates = [path] if path.is_absolute() else [p for p in ((root / path) if root else None, path) if p]
+        for candidate in candidates:
+            if candidate.is_file():
+                try:
+                    with Image.open(candidate) as im:
+                        return im.convert("RGB")
+                except Exception as e:
+                    raise EvomergeError(f"{where}: {candidate} is not a readable image "
+                                        f"({type(e).__name__})") from None
+        raise EvomergeError(f"{where}: image file {str(value)!r} does not exist")
+    raise EvomergeError(f"{where}: cannot read an image from {type(value).__name__}")
+
+
+def _data_spec(spec: dict) -> dict:
+    """The data part of an evaluator spec (its ``data`` block, a path string, or top-level
+    keys), with top-level ``limit``/``offset`` and field names applied unless set there."""
+    if isinstance(spec.get("data"), str):
+        data = {"path": spec["data"]}
+    elif isinstance(spec.get("data"), dict):
+        data = dict(spec["data"])
+    else:
+        data = dict(spec)
+    for key in ("limit", "offset", "question_field", "answer_field", "image_field", "qas_field"):
+        if key in spec and key not in data:
+            data[key] = spec[key]
+    return data
+
+
+def load_examples(spec: dict) -> list[dict]:
+    """VQA examples as ``[{"image": PIL.Image, "question": str, "answer": str}, ...]``.
+
+    ``spec`` is a data spec (``path``/``hub``, ``config``, ``split``, ``offset``, ``limit``;
+    see :mod:`evomerge.evaluators.data`) or an evaluator spec holding one under ``data``.
+    Layouts read:
+
+    - JA-VG-VQA-500: ``image`` and ``qas``, a list of ``{"question", "answer"}``; the first
+      pair is used, as in Sakana's evaluation;
+    - JA-VLM-Bench-In-the-Wild: ``image``, ``question``, ``answer``;
+    - local JSONL / JSON / CSV / parquet with an image path (relative to the file) or bytes.
+
+    Field mapping: ``image_field`` (default ``"image"``), ``question_field`` (``"question"``),
+    ``answer_field`` (``"answer"``), ``qas_field`` (``"qas"``, used when the row has no
+    question field).
+
+        >>> load_examples({"hub": "SakanaAI/JA-VG-VQA-500", "split": "test"})  # doctest: +SKIP
+    """
+    data = _data_spec(spec)
+    where = data.get("path") or data.get("hub")
+    root = Path(str(data["path"])).expanduser().parent if data.get("path") else None
+    rows = load_rows(data)
+    i_field = data.get("image_field") or "image"
+    q_field = data.get("question_field") or "question"
+    a_field = data.get("answer_field") or "answer"
+    qas_field = data.get("qas_field") or "qas"
+    offset = int(data.get("offset") or 0)
+    examples = []
+    for i, row in enumerate(rows):
+        where_row = f"{where}: row {offset + i + 1}"
+        fields = ", ".join(map(str, row))
+        if q_field in row:
+            qa = row
+        elif isinstance(row.get(qas_field), list) and row[qas_field]:
+            qa = row[qas_field][0]
+            if not isinstance(qa, dict):
+                raise EvomergeError(f"{where_row}: {qas_field}[0] is not a mapping")
+        else:
+            raise EvomergeError(f"{where_row}: missing question field {q_field!r} and no non-empty "
+                                f"{qas_field!r} list (fields: {fields}; set question_field)")
+        if q_field not in qa or a_field not in qa:
+            missing = q_field if q_field not in qa else a_field
+            raise EvomergeError(f"{where_row}: missing field {missing!r} (fields: "
+                                f"{', '.join(map(str, qa))}; set question_field / answer_field)")
+        if i_field not in row or row[i_field] is None:
+            raise EvomergeError(f"{where_row}: missing image field {i_field!r} (fields: {fields}; "
+                                "set image_field)")
+        image = load_image(row[i_field], root=root, where=f"{where_row}: {i_field}")
+        examples.append({"image": image, "question": str(qa[q_field]), "answer": str(qa[a_field])})
+    if not examples:
+        raise EvomergeError(f"{where}: no examples (check the file, split, offset and limit)")
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+PLAIN_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+# The prompt Sakana used for EvoVLM-JP (their "ja-shisa-vqa" template; the image goes first in
+# the user turn): a Llama-2-style system block asking for a helpful answer about the image.
+JA_SHISA_VQA_PROMPT = (
+    "[INST] <<SYS>>\nあなたは役立つ、偏見がなく、検閲されていないアシスタントです。"
+    "与えられた画像を下に、質問に答えてください。\n<</SYS>>\n\n<image>\n{question} [/INST]"
+)
+PROMPTS = {"plain": PLAIN_PROMPT, "ja-shisa-vqa": JA_SHISA_VQA_PROMPT}
+
+
+def format_prompt(question: str, template: str, image_token: str = "<image>") -> str:
+    """``template`` with ``{question}`` replaced; the literal ``<image>`` in the template becomes
+    the processor's image token, and a template without one gets ``<image>\\n`` before the
+    question (where LLaVA expects the image)."""
+    if "{question}" not in template:
+        raise EvomergeError("evaluator ja_vqa: the prompt template must contain '{question}'")
+    if "<image>" not in template and image_token not in template:
+        template = template.replace("{question}", "<image>\n{question}")
+    return template.replace("<image>", image_token).replace("{question}", question)
+
+
+def chat_prompt(processor: Any, question: str, system: str | None = None) -> str:
+    """The prompt the processor's chat template builds for one user turn: an image, then the
+    question (and an optional system turn), with the assistant cue appended."""
+    messages: list[dict] = []
+    if system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------
+
+
+def load_processor(source: str | Path) -> Any:
+    """The VLM's processor (tokenizer + image processor), set up for left-padded batches."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(source))
+    except Exception as e:
+        raise EvomergeError(f"processor {str(source)!r}: could not load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return prepare_processor(processor)
+
+
+def prepare_processor(processor: Any) -> Any:
+    """Left padding and a pad token on the processor's tokenizer (batched generation needs both)."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise EvomergeError("evaluator ja_vqa: the processor has no tokenizer (is this a VLM folder?)")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise EvomergeError("tokenizer has neither a pad nor an eos token; cannot batch")
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+class JaVQAEvaluator:
+    """Japanese VQA ROUGE-L of a LLaVA / LLaVA-NeXT model (the EvoVLM-JP metric).
+
+    Spec keys (all optional but the data source):
+
+    - ``data``: a data spec (``path``/``hub``, ``config``, ``split``..., see :func:`load_examples`)
+      or the same keys at top level; ``limit``, ``offset`` and the ``*_field`` names may sit at
+      top level too.
+    - ``prompt``: ``"chat"`` (the processor's chat template; the default when it has one),
+      ``"plain"`` (``USER: <image>\\n{question} ASSISTANT:``, the default otherwise),
+      ``"ja-shisa-vqa"`` (Sakana's EvoVLM-JP prompt), or your own template with ``{question}``
+      (and ``<image>``; without it the image goes just before the question).
+    - ``system``: a system message for ``prompt: chat``.
+    - ``num_beams`` (5), ``repetition_penalty`` (1.5), ``max_new_tokens`` (512),
+      ``batch_size`` (4): the generation settings of Sakana's evaluation.
+    - ``require_japanese`` (true): the score applies the Japanese rule; false scores any language.
+    - ``language_model``: path of fastText ``lid.176.bin`` for the language check (default: the
+      kana/kanji character rule).
+
+    Examples and the processor are loaded once, here; each call only generates and scores.
+    Items carry ``prompt``, ``question``, ``output``, ``reference``, ``rougeL`` and ``correct``
+    (``rougeL > 0``).
+    """
+
+    name = "ja_vqa"
+
+    def __init__(self, spec: dict, tokenizer_source: str | Path | None = None, *,
+                 processor: Any = None):
+        self.spec = spec
+        self.examples = load_examples(spec)
+        self.num_beams = int(spec.get("num_beams", 5))
+        self.repetition_penalty = float(spec.get("repetition_penalty", 1.5))
+        self.max_new_tokens = int(spec.get("max_new_tokens", 512))
+        self.batch_size = int(spec.get("batch_size", 4))
+        if min(self.num_beams, self.max_new_tokens, self.batch_size) < 1:
+            raise EvomergeError("evaluator ja_vqa: num_beams, max_new_tokens and batch_size must be >= 1")
+        self.require_japanese = bool(spec.get("require_japanese", True))
+        self.detector = JapaneseDetector(spec.get("language_model"))
+        if processor is None:
+            source = tokenizer_source or spec.get("processor") or spec.get("tokenizer")
+            if source is None:
+                raise EvomergeError("evaluator ja_vqa: no processor (give the VLM folder to take it from)")
+            processor = load_processor(source)
+        self.processor = prepare_processor(processor)
+        self.prompts = [self._render(ex["question"]) for ex in self.examples]
+
+    def _render(self, question: str) -> str:
+        prompt = self.spec.get("prompt")
+        has_chat = bool(getattr(self.processor, "chat_template", None))
+        if prompt is None:
+            prompt = "chat" if has_chat else "plain"
+        if prompt == "chat":
+            if not has_chat:
+                raise EvomergeError("evaluator ja_vqa: prompt: chat but the processor has no chat "
+                                    "template (use prompt: plain or a template with {question})")
+            try:
+                return chat_prompt(self.processor, question, self.spec.get("system"))
+            except Exception as e:
+                raise EvomergeError(f"evaluator ja_vqa: the processor's chat template failed "
+                                    f"({type(e).__name__}: {e})") from None
+        template = PROMPTS.get(prompt, prompt)
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        return format_prompt(question, str(template), image_token)
+
+    def generate(self, model: Any, prompts: list[str], images: list[Any]) -> list[str]:
+        """Answers to ``prompts`` (rendered, one image each) with beam search, in input order.
+
+        Batches group prompts of similar length; the processor expands each image placeholder
+        into the model's image tokens and pads on the left.
+        """
+        import torch
+        from transformers import GenerationConfig
+
+        tokenizer = self.processor.tokenizer
+        device = next(model.parameters()).device
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        config = GenerationConfig(do_sample=False, num_beams=self.num_beams,
+                                  repetition_penalty=self.repetition_penalty,
+                                  max_new_tokens=self.max_new_tokens,
+                                  pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=getattr(model.generation_config, "eos_token_id", None)
+                                  or tokenizer.eos_token_id)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        outputs = [""] * len(prompts)
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                enc = self.processor(text=[prompts[i] for i in idx], images=[images[i] for i in idx],
+                                     padding=True, return_tensors="pt")
+                enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                       for k, v in enc.items() if hasattr(v, "to")}
+                with torch.inference_mode():
+                    out = model.generate(**enc, generation_config=config)
+                new = out[:, enc["input_ids"].shape[1]:]
+                texts = self.processor.batch_decode(new, skip_special_tokens=True,
+                                                    clean_up_tokenization_spaces=False)
+                for i, text in zip(idx, texts, strict=True):
+                    outputs[i] = text.strip()
+        finally:
+            model.train(was_training)
+        return outputs
+
+    def __call__(self, runnable: Any) -> Result:
+        outputs = self.generate(runnable, self.prompts, [ex["image"] for ex in self.examples])
+        items = []
+        for prompt, example, output in zip(self.prompts, self.examples, outputs, strict=True):
+            score = rouge_l(output, example["answer"], require_japanese=self.require_japanese,
+                            detector=self.detector)
+            items.append({"prompt": prompt, "question": example["question"], "output": output,
+                          "reference": example["answer"], "rougeL": score, "correct": score > 0,
+                          "japanese": self.detector(output)})
+        n = len(items)
+        rouge = sum(it["rougeL"] for it in items) / n
+        rouge_any = score_pairs(items, require_japanese=False)["rougeL"]
+        metrics = {"rougeL": rouge, "rougeL_any": rouge_any, "n": float(n)}
+        return Result(score=rouge, metrics=metrics, items=items)
