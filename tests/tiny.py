@@ -60,3 +60,168 @@ def make_llm_family(root: Path, *, arch: str = "llama", n: int = 3, dtype=torch.
         tok.save_pretrained(root / name)
         paths[name] = root / name
     return paths
+
+
+# --- vision-language (LLaVA / LLaVA-NeXT) ----------------------------------------------------
+
+VLM_TEXT_VOCAB = 64  # the text LLMs' vocabulary; the VLM has VLM_EXTRA more rows
+VLM_EXTRA = 8
+VLM_IMAGE_SIZE = 32
+VLM_PINPOINTS = [[32, 32], [32, 64], [64, 32]]
+
+
+def vlm_tokenizer():
+    """The tiny tokenizer padded to the text vocabulary, then ``<image>`` (first extra row)."""
+    tok = tiny_tokenizer()
+    fillers = [f"<unused{i}>" for i in range(VLM_TEXT_VOCAB - len(tok))]
+    if fillers:
+        tok.add_special_tokens({"additional_special_tokens": fillers})
+    tok.add_special_tokens({"additional_special_tokens": fillers + ["<image>"]})
+    return tok
+
+
+def _rename_legacy_to_current(name: str) -> str:
+    for old, new in (("language_model.model.", "model.language_model."),
+                     ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.", "model.vision_tower."),
+                     ("multi_modal_projector.", "model.multi_modal_projector."),
+                     ("image_newline", "model.image_newline")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _rename_current_to_legacy(name: str) -> str:
+    for old, new in (("model.language_model.", "language_model.model."),
+                     ("lm_head.", "language_model.lm_head."),
+                     ("model.vision_tower.", "vision_tower."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.image_newline", "image_newline")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def rewrite_vlm_layout(folder: Path, layout: str) -> None:
+    """Re-save a VLM folder's weights with ``legacy`` or ``current`` key names."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    rename = _rename_legacy_to_current if layout == "current" else _rename_current_to_legacy
+    save_file({rename(k): v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
+
+
+def make_vlm_family(root: Path, *, kind: str = "llava", layout: str = "legacy",
+                    seed: int = 0) -> dict[str, Path]:
+    """A base Mistral, a text fine-tune of it and a LLaVA(-NeXT) whose LM is another fine-tune.
+
+    The VLM's language model has ``VLM_EXTRA`` extra vocabulary rows (``<image>`` first);
+    ``layout`` picks the key names written on disk for the VLM (legacy or current).
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tok = vlm_tokenizer()
+    image_id = tok.convert_tokens_to_ids("<image>")
+    base = AutoModelForCausalLM.from_config(llama_config("mistral", vocab=VLM_TEXT_VOCAB))
+    text = perturbed(copy.deepcopy(base), seed * 100 + 1)
+    text_config = llama_config("mistral", vocab=VLM_TEXT_VOCAB + VLM_EXTRA)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=VLM_IMAGE_SIZE, patch_size=8,
+                              projection_dim=16)
+    common = dict(vision_config=vision, text_config=text_config, image_token_id=image_id,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if kind == "llava":
+        vlm = LlavaForConditionalGeneration(LlavaConfig(**common))
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": VLM_IMAGE_SIZE}, crop_size={"height": VLM_IMAGE_SIZE, "width": VLM_IMAGE_SIZE})
+        processor_cls = LlavaProcessor
+    else:
+        vlm = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=VLM_PINPOINTS))
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": VLM_IMAGE_SIZE}, crop_size={"height": VLM_IMAGE_SIZE, "width": VLM_IMAGE_SIZE},
+            image_grid_pinpoints=VLM_PINPOINTS)
+        processor_cls = LlavaNextProcessor
+    # The VLM's language model: the base (shared rows) plus its own noise; extra rows random.
+    lm = vlm.model.language_model
+    with torch.no_grad():
+        for name, p in base.model.state_dict().items():
+            target = lm.state_dict()[name]
+            target[: p.shape[0]].copy_(p) if name == "embed_tokens.weight" else target.copy_(p)
+        vlm.lm_head.weight[:VLM_TEXT_VOCAB].copy_(base.lm_head.weight)
+    perturbed(lm, seed * 100 + 2)
+    perturbed(vlm.lm_head, seed * 100 + 3)
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    paths = {"base": root / "base", "text": root / "text", "vlm": root / kind}
+    for name, model in (("base", base), ("text", text)):
+        model.save_pretrained(paths[name])
+        tiny_tokenizer().save_pretrained(paths[name])
+    vlm.save_pretrained(paths["vlm"])
+    processor.save_pretrained(paths["vlm"])
+    rewrite_vlm_layout(paths["vlm"], layout)
+    return paths
+
+
+# --- SDXL-shaped UNets -------------------------------------------------------------------------
+
+SDXL_DOWN = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+SDXL_UP = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+
+
+def sdxl_unet_config() -> dict:
+    """The real SDXL base UNet configuration (stabilityai/stable-diffusion-xl-base-1.0)."""
+    return dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280],
+                down_block_types=SDXL_DOWN, up_block_types=SDXL_UP, transformer_layers_per_block=[1, 2, 10],
+                cross_attention_dim=2048, attention_head_dim=[5, 10, 20], use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, layers_per_block=2)
+
+
+TINY_TEXT_EMBEDS = 16
+TINY_TIME_DIM = 8
+
+
+def tiny_sdxl_unet_config() -> dict:
+    """An SDXL-shaped UNet (same block types and embeddings) with tiny widths."""
+    return dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[16, 32, 32],
+                down_block_types=SDXL_DOWN, up_block_types=SDXL_UP, transformer_layers_per_block=[1, 1, 1],
+                cross_attention_dim=32, attention_head_dim=[2, 4, 4], use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=TINY_TIME_DIM,
+                projection_class_embeddings_input_dim=TINY_TIME_DIM * 6 + TINY_TEXT_EMBEDS,
+                layers_per_block=2, norm_num_groups=8)
+
+
+def make_sdxl_family(root: Path, *, n: int = 3, seed: int = 0,
+                     pipeline_style: tuple[str, ...] = ()) -> dict[str, Path]:
+    """A tiny SDXL-shaped UNet and ``n`` perturbed variants. Names in ``pipeline_style`` are saved
+    as a pipeline folder (``unet/`` + model_index.json); the others as plain UNet folders."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    base = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    paths = {}
+    for i, name in enumerate(["base"] + [f"u{j}" for j in range(1, n + 1)]):
+        model = base if i == 0 else perturbed(copy.deepcopy(base), seed * 100 + i)
+        if name in pipeline_style:
+            model.save_pretrained(root / name / "unet")
+            (root / name / "model_index.json").write_text(json.dumps(
+                {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+        else:
+            model.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths

@@ -11,6 +11,8 @@ merge the rows all sources share and keep the VLM's extra rows (image token, pad
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from evomerge.errors import EvomergeError
@@ -39,14 +41,31 @@ def text_llm_name(name: str) -> str:
     return LM + name[len("model."):] if name.startswith("model.") else name
 
 
+def alias_tied_head(source: TensorSource) -> None:
+    """A text LLM with tied embeddings stores no lm_head (transformers writes only the embedding):
+    read its lm_head from the embedding, so it merges with the VLM's untied head."""
+    head, embed = "lm_head.weight", LM + "embed_tokens.weight"
+    if head in source or embed not in source or not source.config.get("tie_word_embeddings", False):
+        return
+    if embed in source.entries:
+        source.entries[head] = source.entries[embed]
+    else:
+        source.loaded[head] = source.loaded[embed]
+
+
 class VLMAdapter(CausalLMAdapter):
     modality = "vlm"
 
     def open(self, ref: str, label: str, *, allow_pickle: bool = False) -> TensorSource:
         folder = resolve_folder(ref, allow_pickle=allow_pickle)
-        probe = open_checkpoint(label, folder, self.weights_stem, lambda n: n, allow_pickle=allow_pickle)
-        rename = vlm_name if "vision_config" in probe.config else text_llm_name
-        return open_checkpoint(label, folder, self.weights_stem, rename, allow_pickle=allow_pickle)
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        is_vlm = "vision_config" in config
+        source = open_checkpoint(label, folder, self.weights_stem, vlm_name if is_vlm else text_llm_name,
+                                 allow_pickle=allow_pickle)
+        if not is_vlm:
+            alias_tied_head(source)
+        return source
 
     def group(self, name: str) -> str:
         return "vision" if name.startswith(VISION_PREFIXES) else super().group(name)
