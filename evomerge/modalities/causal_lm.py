@@ -49,6 +49,18 @@ def copy_model_files(src: Path, out_dir: Path, dtype: torch.dtype) -> None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def alias_tied_head(source: TensorSource, embed: str = "model.embed_tokens.weight") -> None:
+    """A model with tied embeddings stores no lm_head (transformers writes only the embedding):
+    read its lm_head from the embedding, so it merges with untied heads of the same family."""
+    head = "lm_head.weight"
+    if head in source or embed not in source or not source.config.get("tie_word_embeddings", False):
+        return
+    if embed in source.entries:
+        source.entries[head] = source.entries[embed]
+    else:
+        source.loaded[head] = source.loaded[embed]
+
+
 class CausalLMAdapter:
     modality = "causal_lm"
     weights_stem = "model"
@@ -61,6 +73,7 @@ class CausalLMAdapter:
         source = open_checkpoint(label, folder, self.weights_stem, lambda n: n, allow_pickle=allow_pickle)
         if "vision_config" in source.config:
             raise EvomergeError(f"model {label}: a vision-language model; use modality: vlm")
+        alias_tied_head(source)
         return source
 
     def group(self, name: str) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.modalities.base import TensorSource, open_checkpoint, resolve_folder
-from evomerge.modalities.causal_lm import CausalLMAdapter
+from evomerge.modalities.causal_lm import CausalLMAdapter, alias_tied_head
 
 LM = "model.language_model."
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")
@@ -41,18 +41,6 @@ def text_llm_name(name: str) -> str:
     return LM + name[len("model."):] if name.startswith("model.") else name
 
 
-def alias_tied_head(source: TensorSource) -> None:
-    """A text LLM with tied embeddings stores no lm_head (transformers writes only the embedding):
-    read its lm_head from the embedding, so it merges with the VLM's untied head."""
-    head, embed = "lm_head.weight", LM + "embed_tokens.weight"
-    if head in source or embed not in source or not source.config.get("tie_word_embeddings", False):
-        return
-    if embed in source.entries:
-        source.entries[head] = source.entries[embed]
-    else:
-        source.loaded[head] = source.loaded[embed]
-
-
 class VLMAdapter(CausalLMAdapter):
     modality = "vlm"
 
@@ -64,7 +52,7 @@ class VLMAdapter(CausalLMAdapter):
         source = open_checkpoint(label, folder, self.weights_stem, vlm_name if is_vlm else text_llm_name,
                                  allow_pickle=allow_pickle)
         if not is_vlm:
-            alias_tied_head(source)
+            alias_tied_head(source, LM + "embed_tokens.weight")
         return source
 
     def group(self, name: str) -> str:
