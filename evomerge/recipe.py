@@ -104,6 +104,39 @@ class DFSSpec(BaseModel):
         return v
 
 
+class LoraSpec(BaseModel):
+    """A LoRA fused into the UNet (e.g. SDXL-Lightning's 4-step LoRA)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="LoRA file, folder or Hub id (diffusers/kohya/peft formats)")
+    weight_name: str | None = Field(None, description="file inside a folder or Hub repo")
+    scale: float = 1.0
+    into: str = Field("merged", description="'merged' (added after every merge) or a model label")
+
+
+class SDXLSpec(BaseModel):
+    """SDXL only: how the merged UNet becomes a pipeline to sample from and to export."""
+
+    model_config = ConfigDict(extra="forbid")
+    pipeline: str | None = Field(
+        None, description="pipeline folder or Hub id giving text encoders, tokenizers, VAE, scheduler")
+    components: dict[str, str] = Field(
+        default_factory=dict, description="pipeline components taken from another pipeline, "
+        "e.g. text_encoder: stabilityai/japanese-stable-diffusion-xl")
+    lora: LoraSpec | None = None
+    scheduler: str | None = Field("EulerDiscreteScheduler", description="diffusers scheduler class")
+    scheduler_options: dict[str, Any] = Field(default_factory=lambda: {"timestep_spacing": "trailing"})
+    steps: int = Field(4, ge=1)
+    guidance_scale: float = 0.0
+    height: int = Field(1024, ge=8)
+    width: int = Field(1024, ge=8)
+    search_height: int | None = Field(None, ge=8, description="smaller size for trials (default: height)")
+    search_width: int | None = Field(None, ge=8)
+    variant: str | None = Field(None, description="Hub weight variant to prefer, e.g. fp16")
+    export: Literal["auto", "unet", "pipeline"] = Field(
+        "auto", description="auto: a full pipeline folder when `pipeline` is set, else a UNet folder")
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "merge"
@@ -117,6 +150,7 @@ class Recipe(BaseModel):
     dtype: str | None = Field(None, description="merge and output dtype; default: the reference's")
     seed: int = 0
     grouping: str = Field("blocks", description="sdxl only: blocks | attn_other | blocks_attn_other")
+    sdxl: SDXLSpec | None = Field(None, description="sdxl only: pipeline, LoRA and sampling")
     evaluator: dict[str, Any] | None = None
     baselines: list[dict[str, Any]] = Field(default_factory=list)
     search: SearchSpec = Field(default_factory=SearchSpec)
@@ -135,6 +169,12 @@ class Recipe(BaseModel):
                 raise ValueError("dfs merges need modality causal_lm")
             return self
         labels = [m.label for m in self.models]
+        if self.sdxl is not None and self.modality != "sdxl":
+            raise ValueError("an sdxl: block needs modality: sdxl")
+        if self.sdxl is not None and self.sdxl.lora is not None:
+            into = self.sdxl.lora.into
+            if into not in ["merged", *labels] + (["base"] if self.base else []):
+                raise ValueError(f"sdxl.lora.into {into!r}: use 'merged' or a model label ({', '.join(labels)})")
         if len(set(labels)) != len(labels):
             raise ValueError(f"two models share the label {labels}: give each a distinct `name`")
         if not self.models:
@@ -191,6 +231,8 @@ def to_mergekit(recipe: Recipe, values: dict[str, Value] | None = None) -> dict:
     per-layer lists (mergekit's gradients).
     """
     values = values or {}
+    if recipe.merge is None:
+        raise EvomergeError(f"recipe {recipe.name}: a dfs recipe has no mergekit form")
     if recipe.merge.method == "slerp":
         first, other = recipe.models[0], recipe.models[1]
         out: dict[str, Any] = {"merge_method": "slerp", "base_model": first.model,

@@ -46,6 +46,7 @@ class ParameterSpaceCandidates:
     def apply(self, values: dict[str, float]) -> Any:
         model = self.runnable()
         self.session.engine.merge_into(self._params, self.session.table(values))
+        self._after_merge()
         if not all_finite(self._params):
             raise FloatingPointError("merged weights hold NaN or inf")
         return model
@@ -55,7 +56,14 @@ class ParameterSpaceCandidates:
         with torch.no_grad():
             for name, tensor in baseline_tensors(self.session, spec):
                 self._params[name][: tensor.shape[0]].copy_(tensor)
+        self._after_merge()
         return model
+
+    def _after_merge(self) -> None:
+        """The adapter's touch after every rewrite (e.g. re-adding a LoRA fused into the merge)."""
+        hook = getattr(self.session.adapter, "after_merge", None)
+        if hook is not None:
+            hook(self._params)
 
     def export(self, values: dict[str, float], out_dir: Path, *, extra_card: str = "",
                show_progress: bool = True) -> Path:
@@ -64,8 +72,14 @@ class ParameterSpaceCandidates:
 
 
 def make_candidates(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
-                    trust_remote_code: bool = False):
-    """The candidates a recipe describes (parameter-space merges for now)."""
+                    trust_remote_code: bool = False, console: Any = None):
+    """The candidates a recipe describes: layer paths for a ``dfs:`` recipe (which may first evolve
+    the PS study it chains), parameter-space merges otherwise."""
+    if recipe.dfs is not None:
+        from evomerge.merging.dfs import DFSCandidates
+
+        return DFSCandidates(recipe, device=device, allow_pickle=allow_pickle,
+                             trust_remote_code=trust_remote_code, console=console)
     session = open_session(recipe, device=device, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
     return ParameterSpaceCandidates(session, device)

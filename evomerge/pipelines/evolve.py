@@ -142,7 +142,8 @@ class Evolution:
         self._claim_run_dir(Path(recipe_path))
         self.console = console or Console()
         self.candidates = make_candidates(
-            self.recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            self.recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+            console=self.console)
         if not self.candidates.space.names:
             raise EvomergeError(f"{recipe_path}: field merge.search: empty; name the values to search, e.g. weight: [0, 1]")
         self.sampler_kind = sampler or self.recipe.search.sampler

@@ -75,7 +75,10 @@ def _pick_reference(recipe: Recipe, adapter, base: TensorSource | None,
 def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
                  trust_remote_code: bool = False) -> MergeSession:
     """Open every model of the recipe lazily and validate the merge (no weights read yet)."""
-    adapter = get_adapter(recipe.modality, grouping=recipe.grouping, trust_remote_code=trust_remote_code)
+    if recipe.merge is None:
+        raise EvomergeError(f"recipe {recipe.name}: a dfs recipe has no parameter-space merge; use evolve")
+    adapter = get_adapter(recipe.modality, grouping=recipe.grouping, trust_remote_code=trust_remote_code,
+                          sdxl=recipe.sdxl)
     method = get_method(recipe.merge.method)
     check_parameter_names(recipe, method)
     base = adapter.open(recipe.base, "base", allow_pickle=allow_pickle) if recipe.base else None
@@ -162,11 +165,12 @@ def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, floa
         groups = session.adapter.groups([j.name for j in engine.jobs])
         with progress_bar("merging", total=len(groups), enabled=show_progress) as advance:
             current = None
+            finish = getattr(session.adapter, "finish_tensor", None)  # e.g. a LoRA fused into the merge
             for job, tensor in engine.iter_merged(table, reuse_buffers=True):
                 if job.group != current:
                     current = job.group
                     advance(job.group)
-                writer.write(job.name, tensor)
+                writer.write(job.name, finish(job.name, tensor) if finish else tensor)
         writer.close()
         session.adapter.save_extras(engine.reference, tmp, engine.dtype)
         (tmp / "README.md").write_text(model_card(session, values or {}, extra_card))

@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from evomerge.merging.space import SearchSpace
 from evomerge.modalities import get_adapter
 from evomerge.pipelines.evolve import default_popsize
 from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from evomerge.merging.dfs import DFSPlan
 
 
 @dataclass
@@ -75,7 +79,11 @@ def meta_state(recipe: Recipe, folder: Path) -> dict[str, torch.Tensor]:
     return dict(model.state_dict())
 
 
-def make_plan(recipe: Recipe) -> Plan:
+def make_plan(recipe: Recipe) -> Plan | DFSPlan:
+    if recipe.dfs is not None:
+        from evomerge.merging.dfs import make_dfs_plan
+
+        return make_dfs_plan(recipe)
     adapter = get_adapter(recipe.modality, grouping=recipe.grouping)
     method = get_method(recipe.merge.method)
     subfolder = "unet" if recipe.modality == "sdxl" else None

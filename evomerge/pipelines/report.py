@@ -87,7 +87,12 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     plt.close(fig)
 
     bt = study.best_trial
-    rows, cols, grid = value_grid(bt.params, recipe.merge.granularity)
+    if recipe.dfs is not None:  # layer-path values: repetitions x layers
+        from evomerge.merging.dfs import dfs_value_grid
+
+        rows, cols, grid = dfs_value_grid(bt.params, recipe)
+    else:
+        rows, cols, grid = value_grid(bt.params, recipe.merge.granularity)
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(cols) + 2), max(2.5, 0.35 * len(rows) + 1.5)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
@@ -108,6 +113,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     md += [f"| {a} | {b} |" for a, b in table[1:]]
     md += ["", "## Sources", ""] + ([f"- base: `{recipe.base}`"] if recipe.base else [])
     md += [f"- `{m.label}`: `{m.model}`" for m in recipe.models]
+    if recipe.dfs is not None:
+        md += [f"- `{k}`: `{getattr(recipe.dfs, 'model_' + k)}`" for k in ("a", "b")]
     md += ["", "## Best values", "", "| value | chosen |", "|---|---|"]
     md += [f"| `{k}` | {v:.4f} |" for k, v in bt.params.items()]
     md += ["", "![history](history.png)", "", "![values](values.png)", "",
