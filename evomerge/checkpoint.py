@@ -42,8 +42,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     """Parse one .safetensors file's header: name -> where its bytes are."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:  # garbage: do not try to read (or allocate) a huge header
+                raise ValueError(f"header length {length} exceeds the file size {size}")
             header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
     except (OSError, struct.error, ValueError) as e:
         raise EvomergeError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from None
     entries = {}
@@ -53,6 +58,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         if info["dtype"] not in DTYPES:
             raise EvomergeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
+        if 8 + length + end > size:
+            raise EvomergeError(f"{path}: truncated (tensor {name} ends past the end of the file); "
+                                "re-download or re-save it")
         entries[name] = TensorEntry(path, DTYPES[info["dtype"]], tuple(info["shape"]),
                                     8 + length + begin, end - begin)
     return entries

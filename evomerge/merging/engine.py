@@ -9,13 +9,15 @@ its place in the safetensors shards, forget it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from evomerge.checkpoint import read_tensor
 from evomerge.errors import EvomergeError
-from evomerge.merging.methods import MergeMethod, rng_for
+from evomerge.merging.methods import MergeMethod, chunk_threads, rng_for
 from evomerge.merging.space import ValueTable
 from evomerge.modalities.base import TensorSource
 
@@ -41,6 +43,25 @@ class Job:
     rows: int | None  # vocab tensors of different sizes: the shared leading rows that merge
 
 
+class BufferPool:
+    """Named buffers reused from tensor to tensor while exporting.
+
+    Each buffer is sized for the largest tensor once: fresh allocations of this size are
+    served by new pages, and faulting them in costs more than the merge arithmetic itself.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        flat = self._flat.get((name, dtype))
+        if flat is None or flat.numel() < n:
+            flat = self._flat[(name, dtype)] = torch.empty(max(n, self.capacity), dtype=dtype)
+        return flat[:n].view(shape)
+
+
 class MergeEngine:
     """Merges one set of models with one method; reusable across many sets of values."""
 
@@ -57,7 +78,8 @@ class MergeEngine:
         self.options = {"tie_order": tie_order} if method.name == "ties" else (
             {"rescale": rescale} if method.needs_rng else {})
         self.jobs = self._plan()
-        self._cache: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        # trial path: name -> (base, deltas or models, what method.prepare made of them)
+        self._cache: dict[str, tuple[torch.Tensor | None, torch.Tensor, object]] = {}
 
     # -- planning and validation (before any work is written) ---------------------------------
 
@@ -102,8 +124,43 @@ class MergeEngine:
 
     # -- the math for one tensor --------------------------------------------------------------
 
-    def _read_inputs(self, job: Job) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(base, stacked deltas) for task-vector methods, (None, stacked models) otherwise."""
+    def _shape(self, job: Job) -> tuple[int, ...]:
+        shape = self.reference.shape(job.name)
+        return shape if job.rows is None else (job.rows, *shape[1:])
+
+    def _read_inputs(self, job: Job, pool: BufferPool | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(base, stacked deltas) for task-vector methods, (None, stacked models) otherwise.
+
+        On the CPU each tensor is read straight into its slot of the stacked tensor (no
+        torch.stack copy), into ``pool``'s reused buffers when given.
+        """
+        if torch.device(self.device).type != "cpu":
+            return self._read_inputs_to_device(job)
+        n, shape = len(self.sources), self._shape(job)
+        if pool is not None:
+            stacked = pool.get("stacked", (n, *shape), self.dtype)
+        else:
+            stacked = torch.empty((n, *shape), dtype=self.dtype)
+        for i, src in enumerate(self.sources):
+            self._read_into(src, job, stacked[i])
+        if not self.method.on_deltas:
+            return None, stacked
+        base = pool.get("base", shape, self.dtype) if pool is not None else torch.empty(shape, dtype=self.dtype)
+        self._read_into(self.base, job, base)
+        stacked -= base
+        return base, stacked
+
+    def _read_into(self, src: TensorSource, job: Job, dest: torch.Tensor) -> None:
+        entry = src.entries.get(job.name)
+        if (entry is not None and job.name not in src.loaded and job.rows is None
+                and entry.dtype == dest.dtype):
+            read_tensor(entry, out=dest)  # one positioned read, no intermediate tensor
+        else:
+            t = src.read(job.name, self.dtype)
+            dest.copy_(t[: job.rows] if job.rows is not None else t)
+
+    def _read_inputs_to_device(self, job: Job) -> tuple[torch.Tensor | None, torch.Tensor]:
         def read(src: TensorSource) -> torch.Tensor:
             t = src.read(job.name, self.dtype)
             return (t[: job.rows] if job.rows is not None else t).to(self.device)
@@ -116,39 +173,68 @@ class MergeEngine:
         return base, stacked
 
     def _merge(self, job: Job, base: torch.Tensor | None, stacked: torch.Tensor,
-               table: ValueTable) -> torch.Tensor:
+               table: ValueTable, prepared: object = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged tensor; written into ``out`` (same shape, engine dtype) when given."""
         per_source, shared = table.for_tensor(job.name, job.group, job.depth)
         kwargs = {**per_source, **shared, **self.options}
         if self.method.needs_rng:
             kwargs["rng"] = [rng_for(self.seed, job.name, i, stacked.device) for i in range(len(self.sources))]
-        out = self.method(stacked, **kwargs)
-        return (base + out).to(self.dtype) if base is not None else out
+        if self.method.writes_out:  # the method adds the base and fills ``out`` itself
+            if prepared is not None:
+                kwargs["prepared"] = prepared
+            if base is not None:
+                kwargs["base"] = base
+            return self.method(stacked, out=out, **kwargs)
+        result = self.method(stacked, **kwargs)
+        result = (base + result).to(self.dtype) if base is not None else result
+        return result if out is None else out.copy_(result)
 
     # -- the two targets ----------------------------------------------------------------------
 
     def merge_into(self, params: dict[str, torch.Tensor], table: ValueTable,
                    progress: Callable[[Job], None] | None = None) -> None:
         """Trial path: write merged values into a resident model's tensors, in place."""
-        with torch.no_grad():
+        with torch.no_grad(), chunk_threads():
             for job in self.jobs:
                 if not job.merge:
                     continue
                 if job.name not in self._cache:
-                    self._cache[job.name] = self._read_inputs(job)
-                merged = self._merge(job, *self._cache[job.name], table)
+                    base, stacked = self._read_inputs(job)
+                    prepared = self.method.prepare(stacked) if self.method.prepare else None
+                    self._cache[job.name] = (base, stacked, prepared)
+                base, stacked, prepared = self._cache[job.name]
                 target = params[job.name]
-                (target[: job.rows] if job.rows is not None else target).copy_(merged)
+                target = target[: job.rows] if job.rows is not None else target
+                if (self.method.writes_out and target.is_contiguous()
+                        and target.dtype == self.dtype and target.device == stacked.device):
+                    self._merge(job, base, stacked, table, prepared, out=target)
+                else:
+                    target.copy_(self._merge(job, base, stacked, table, prepared))
                 if progress:
                     progress(job)
 
-    def iter_merged(self, table: ValueTable) -> Iterator[tuple[Job, torch.Tensor]]:
-        """Export path: each output tensor in turn, merged (or kept), full shape."""
-        with torch.no_grad():
+    def iter_merged(self, table: ValueTable, reuse_buffers: bool = False
+                    ) -> Iterator[tuple[Job, torch.Tensor]]:
+        """Export path: each output tensor in turn, merged (or kept), full shape.
+
+        With ``reuse_buffers`` a yielded tensor is only valid until the next one is asked for
+        (write it out first): the same memory then holds the next tensor.
+        """
+        pool = None
+        if reuse_buffers and torch.device(self.device).type == "cpu":
+            sizes = [math.prod(self._shape(j)) for j in self.jobs if j.merge]
+            pool = BufferPool(max(sizes, default=0))
+        with torch.no_grad(), chunk_threads():
             for job in self.jobs:
                 if not job.merge:
                     yield job, self.reference.read(job.name)
                     continue
-                merged = self._merge(job, *self._read_inputs(job), table)
+                base, stacked = self._read_inputs(job, pool)
+                out = None
+                if pool is not None and self.method.writes_out:
+                    out = pool.get("out", self._shape(job), self.dtype)
+                merged = self._merge(job, base, stacked, table, out=out)
                 if job.rows is not None:
                     full = self.reference.read(job.name, self.dtype)
                     full[: job.rows] = merged.cpu()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +52,11 @@ class MergeMethod:
     params: tuple[ParamSpec, ...]
     needs_rng: bool = False
     exact_sources: int | None = None  # slerp takes exactly two models
+    # takes ``base=`` (task-vector methods) and ``out=`` and returns the finished tensor, so the
+    # engine need not allocate the result or add the base in a separate pass
+    writes_out: bool = False
+    # deltas -> something each call on the same deltas may reuse (passed back as ``prepared=``)
+    prepare: Callable[[torch.Tensor], object] | None = None
     doc: str = field(default="")
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
@@ -122,6 +129,9 @@ def topk_mask(x: torch.Tensor, density: float, tie_order: str = "index") -> torc
     return mask.reshape(x.shape)
 
 
+SMALL_SELECT = 1 << 15  # up to this many entries, a sort-based selection is faster
+
+
 def kth_largest_magnitude(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """The k-th largest |x| exactly, and how many entries are strictly larger.
 
@@ -131,6 +141,9 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     than a sort or kthvalue on the CPU.
     """
     mag = x.detach().abs().reshape(-1)
+    if mag.numel() <= SMALL_SELECT:  # the histograms' fixed cost dominates small tensors
+        value = mag.float().kthvalue(mag.numel() - k + 1).values.to(mag.dtype)
+        return value, int((mag > value).sum())
     if mag.dtype in (torch.bfloat16, torch.float16):
         bits = mag.view(torch.int16).to(torch.int32)
         value, n_above = _kth_largest_bin(bits, k, 1 << 15)
@@ -239,15 +252,26 @@ def task_arithmetic(deltas: torch.Tensor, weight: Floats, *, normalize: bool = F
                     lam=shared.get("lambda", 1.0))
 
 
-@merge_method("ties", on_deltas=True, params=[WEIGHT, DENSITY, LAMBDA,
-              ParamSpec("normalize", True, per_source=False)])
+@merge_method("ties", on_deltas=True, writes_out=True, params=[WEIGHT, DENSITY, LAMBDA,
+              ParamSpec("normalize", True, per_source=False)], prepare=lambda d: ties_prepare(d))
 def ties(deltas: torch.Tensor, weight: Floats, density: Floats | None = None, *,
-         normalize: bool = True, tie_order: str = "index", **shared) -> torch.Tensor:
-    """TIES: trim each delta to its top-density entries, elect signs, average the agreeing ones."""
+         normalize: bool = True, tie_order: str = "index", prepared=None,
+         base: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         **shared) -> torch.Tensor:
+    """TIES: trim each delta to its top-density entries, elect signs, average the agreeing ones.
+
+    With ``base`` the result is ``base + mixed`` (else the mixed delta), written into ``out``
+    when given; ``prepared`` is what :func:`ties_prepare` returned for these deltas.
+    """
     density = density or [1.0] * len(deltas)
-    trimmed = torch.stack([magnitude_trim(d, p, tie_order) for d, p in zip(deltas, density)])
-    return _combine(trimmed, weight, consensus=True, normalize=normalize,
-                    lam=shared.get("lambda", 1.0))
+    lam = shared.get("lambda", 1.0)
+    if tie_order == "index" and deltas.dtype in _INT_VIEW and deltas.device.type == "cpu":
+        return _ties_chunked(deltas, weight, density, normalize=normalize, lam=lam,
+                             prepared=prepared, base=base, out=out)
+    trimmed = torch.stack([magnitude_trim(d, p, tie_order) for d, p in zip(deltas, density, strict=True)])
+    mixed = _combine(trimmed, weight, consensus=True, normalize=normalize, lam=lam)
+    result = mixed if base is None else base + mixed
+    return result if out is None else out.copy_(result)
 
 
 def _dare(deltas, density, rng, rescale):
@@ -278,18 +302,35 @@ def dare_linear(deltas: torch.Tensor, weight: Floats, density: Floats | None = N
 # --- methods on the models themselves --------------------------------------------------------
 
 
-@merge_method("linear", on_deltas=False, params=[WEIGHT,
+@merge_method("linear", on_deltas=False, writes_out=True, params=[WEIGHT,
               ParamSpec("normalize", True, per_source=False)])
-def linear(tensors: torch.Tensor, weight: Floats, *, normalize: bool = True) -> torch.Tensor:
-    """Weighted average sum_i w_i * x_i / sum_i w_i, accumulated in float32."""
-    work = torch.float64 if tensors.dtype == torch.float64 else torch.float32
-    w = torch.tensor(list(weight), dtype=work)
-    out = torch.zeros(tensors.shape[1:], dtype=work, device=tensors.device)
-    for x, wi in zip(tensors, w):
-        out.add_(x.to(work) * wi.to(tensors.device))
-    if normalize:
-        out.div_(w.sum().to(tensors.device))
-    return out.to(tensors.dtype)
+def linear(tensors: torch.Tensor, weight: Floats, *, normalize: bool = True,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted average sum_i w_i * x_i / sum_i w_i, accumulated in float32.
+
+    Runs over column chunks with one reused float32 accumulator (elementwise, so the result is
+    the same as on the whole tensor), written into ``out`` when given.
+    """
+    acc_dtype = torch.float64 if tensors.dtype == torch.float64 else torch.float32
+    w = torch.tensor(list(weight), dtype=acc_dtype).to(tensors.device)
+    flat = tensors.reshape(len(tensors), -1)
+    result = torch.empty(tensors.shape[1:], dtype=tensors.dtype, device=tensors.device) if out is None else out
+    result_flat, total = result.view(-1), w.sum()
+    width = min(CHUNK, flat.shape[1])
+
+    def accumulator(_worker: int) -> torch.Tensor:
+        return torch.empty(width, dtype=acc_dtype, device=tensors.device)
+
+    def average(start: int, end: int, acc: torch.Tensor) -> None:
+        part = acc[: end - start].zero_()
+        for x, wi in zip(flat[:, start:end], w, strict=True):
+            part.addcmul_(x, wi)  # as mergekit: same rounding (fused)
+        if normalize:
+            part.div_(total)
+        result_flat[start:end].copy_(part)
+
+    for_chunks(flat.shape[1], accumulator, average)
+    return result
 
 
 @merge_method("slerp", on_deltas=False, exact_sources=2,
@@ -313,3 +354,251 @@ def slerp(tensors: torch.Tensor, *, t: float, dot_threshold: float = 0.9995,
         ca = torch.sin((1 - t) * theta) / torch.sin(theta)
         cb = torch.sin(t * theta) / torch.sin(theta)
     return (ca * a + cb * b).to(tensors.dtype)
+
+
+# --- TIES, chunked -----------------------------------------------------------------------------
+#
+# The straightforward TIES (trim each source, stack, weight, elect, average) makes a dozen
+# full-size temporaries per tensor; on a CPU each is a trip through main memory plus page
+# faults on fresh allocations. The chunked version below runs the *same* torch ops, in the same
+# order and dtype, on column slices small enough to stay in cache, into buffers allocated once.
+# Every op is elementwise or a reduction over the source axis only, so slicing the columns
+# cannot change a single result bit.
+
+CHUNK = 1 << 18  # columns per step: sources x CHUNK x 2 bytes stays in L2/L3
+
+
+_INT_VIEW = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+             torch.float32: (torch.int32, 0x7FFFFFFF)}
+_POOL: ThreadPoolExecutor | None = None  # set inside chunk_threads()
+_POOL_SIZE = 1
+
+
+@contextmanager
+def chunk_threads():
+    """Within this block torch runs single-threaded and chunk loops get the threads instead.
+
+    Why: torch's own threads meet at a barrier after every op, and on a busy machine one
+    descheduled thread stalls each small op (measured 100x slower on 2 shared cores).
+    Chunks are independent, so Python threads that each own whole chunks never wait on one
+    another (torch releases the GIL inside ops). Entered once per merge: switching torch's
+    thread count costs milliseconds.
+    """
+    global _POOL, _POOL_SIZE
+    if _POOL is not None:  # nested: already set up
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _POOL_SIZE = before
+    try:
+        with ThreadPoolExecutor(before) as pool:
+            _POOL = pool
+            yield
+    finally:
+        _POOL, _POOL_SIZE = None, 1
+        torch.set_num_threads(before)
+
+
+def for_chunks(n_cols: int, make_state: Callable[[int], object],
+               work: Callable[[int, int, object], None]) -> None:
+    """Call ``work(start, end, state)`` for every CHUNK of columns; inside
+    :func:`chunk_threads` the chunks are spread over its threads, each with its own ``state``."""
+    starts = list(range(0, n_cols, CHUNK))
+    threads = min(_POOL_SIZE, len(starts)) if _POOL is not None else 1
+
+    grad = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
+
+    def run(worker: int, mine: list[int]) -> None:
+        with torch.set_grad_enabled(grad):
+            state = make_state(worker)
+            for start in mine:
+                work(start, min(start + CHUNK, n_cols), state)
+
+    if threads <= 1:
+        run(0, starts)
+        return
+    for f in [_POOL.submit(run, i, starts[i::threads]) for i in range(threads)]:
+        f.result()
+
+
+def magnitude_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """|x| as integers (sign bit cleared): non-negative floats order like their bit patterns."""
+    ints, mask = _INT_VIEW[x.dtype]
+    return torch.bitwise_and(x.view(ints), mask, out=out)
+
+
+def magnitude_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Counts of every 16-bit magnitude pattern of a bf16/fp16 tensor (32768 bins), chunked."""
+    flat = x.reshape(-1)
+    counts = torch.zeros(1 << 15, dtype=torch.int64, device=x.device)
+    bits = torch.empty(min(flat.numel(), 4 * CHUNK), dtype=torch.int16, device=x.device)
+    for start in range(0, flat.numel(), bits.numel()):
+        part = flat[start:start + bits.numel()]
+        counts += torch.bincount(magnitude_bits(part, out=bits[: part.numel()]), minlength=1 << 15)
+    return counts
+
+
+def ties_prepare(deltas: torch.Tensor) -> list[torch.Tensor] | None:
+    """What a trial can reuse across values: each source's magnitude histogram (16-bit floats)."""
+    if deltas.dtype not in (torch.bfloat16, torch.float16) or deltas.device.type != "cpu":
+        return None
+    return _map(magnitude_histogram, list(deltas))
+
+
+@dataclass(frozen=True)
+class _Trim:
+    """Which entries of one source survive the trim: all, none, or magnitude bits above
+    ``threshold`` plus those equal to it at flat index below ``cut`` (ties, lowest index first)."""
+
+    mode: str  # "all" | "none" | "top"
+    threshold: int = 0
+    cut: int = 0
+
+
+def _plan_trim(delta: torch.Tensor, density: float, counts: torch.Tensor | None) -> _Trim:
+    n = delta.numel()
+    if density >= 1:
+        return _Trim("all")
+    if density <= 0 or n == 0:
+        return _Trim("none")
+    k = max(1, int(density * n))
+    if delta.dtype in (torch.bfloat16, torch.float16):
+        counts = magnitude_histogram(delta) if counts is None else counts
+        at_or_above = torch.cumsum(counts.flip(0), 0)
+        position = int(torch.searchsorted(at_or_above, torch.tensor(k)))
+        n_above = int(at_or_above[position - 1]) if position else 0
+        threshold = (1 << 15) - 1 - position
+    else:
+        value, n_above = kth_largest_magnitude(delta, k)
+        threshold = int(value.reshape(1).view(torch.int32))
+    return _Trim("top", threshold, _tie_cut(delta.reshape(-1), threshold, k - n_above))
+
+
+def _tie_cut(flat: torch.Tensor, threshold: int, wanted: int) -> int:
+    """The flat index just past the ``wanted``-th entry whose magnitude bits equal ``threshold``."""
+    if wanted <= 0:
+        return 0
+    seen = 0
+    for start in range(0, flat.numel(), 4 * CHUNK):
+        equal = magnitude_bits(flat[start:start + 4 * CHUNK]) == threshold
+        count = int(torch.count_nonzero(equal))
+        if seen + count >= wanted:
+            return start + _nth_true(equal, wanted - seen) + 1
+        seen += count
+    return flat.numel()
+
+
+def _nth_true(mask: torch.Tensor, n: int) -> int:
+    """Index of the n-th (1-based) True: count pieces first, nonzero only on the one piece."""
+    piece = 1 << 14
+    for start in range(0, mask.numel(), piece):
+        count = int(torch.count_nonzero(mask[start:start + piece]))
+        if count >= n:
+            return start + int(mask[start:start + piece].nonzero()[n - 1])
+        n -= count
+    raise AssertionError("fewer True entries than counted")
+
+
+def _map(fn: Callable, items: list) -> list:
+    """``[fn(x) for x in items]``, on chunk_threads' threads when inside it."""
+    if _POOL is None or len(items) < 2:
+        return [fn(x) for x in items]
+    grad = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
+
+    def call(x):
+        with torch.set_grad_enabled(grad):
+            return fn(x)
+
+    return list(_POOL.map(call, items))
+
+
+class _TiesBuffers:
+    """Scratch for one chunk, allocated once per (sources, dtype) and reused for every tensor."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
+        ints = _INT_VIEW[dtype][0]
+        self.x = torch.empty(n, CHUNK, dtype=dtype, device=device)  # trimmed, weighted deltas
+        self.tmp = torch.empty(n, CHUNK, dtype=dtype, device=device)
+        self.agree = torch.empty(n, CHUNK, dtype=torch.bool, device=device)
+        self.bits = torch.empty(CHUNK, dtype=ints, device=device)
+        self.keep = torch.empty(CHUNK, dtype=torch.bool, device=device)
+        self.flag = torch.empty(CHUNK, dtype=torch.bool, device=device)
+        self.mixed = torch.empty(CHUNK, dtype=dtype, device=device)
+        self.divisor = torch.empty(CHUNK, dtype=dtype, device=device)
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.one = torch.ones((), dtype=dtype, device=device)
+        self.minus_one = -self.one
+
+
+_BUFFERS: dict[tuple, _TiesBuffers] = {}
+
+
+def _buffers(n: int, dtype: torch.dtype, device: torch.device, worker: int) -> _TiesBuffers:
+    """One set per worker thread, kept across calls (a run merges one set of models)."""
+    key = (n, dtype, str(device), worker)
+    if key not in _BUFFERS:
+        for old in [k for k in _BUFFERS if k[3] == worker]:
+            del _BUFFERS[old]
+        _BUFFERS[key] = _TiesBuffers(n, dtype, device)
+    return _BUFFERS[key]
+
+
+def _ties_chunk(chunk: torch.Tensor, start: int, trims: list[_Trim], weights: torch.Tensor,
+                b: _TiesBuffers, normalize: bool, lam: float) -> torch.Tensor:
+    """TIES on columns [start, start + width) of the flattened deltas; returns the mixed delta."""
+    width = chunk.shape[1]
+    x, tmp, agree = b.x[:, :width], b.tmp[:, :width], b.agree[:, :width]
+    keep, flag, mixed = b.keep[:width], b.flag[:width], b.mixed[:width]
+    for i, trim in enumerate(trims):
+        if trim.mode == "all":
+            x[i].copy_(chunk[i])
+        elif trim.mode == "none":
+            x[i].zero_()
+        else:
+            bits = magnitude_bits(chunk[i], out=b.bits[:width])
+            torch.gt(bits, trim.threshold, out=keep)
+            if trim.cut > start:  # ties at the threshold before the cut are kept too
+                tied = min(trim.cut - start, width)
+                torch.ge(bits[:tied], trim.threshold, out=keep[:tied])
+            torch.where(keep, chunk[i], b.zero, out=x[i])
+    x.mul_(weights)
+    # the elected sign is that of the weighted sum; x agrees when x * sign > 0 (zeros never do)
+    torch.sum(x, 0, out=mixed)
+    torch.ge(mixed, 0, out=flag)
+    torch.where(flag, b.one, b.minus_one, out=mixed)
+    torch.mul(x, mixed, out=tmp)
+    torch.gt(tmp, 0, out=agree)
+    torch.mul(x, agree, out=tmp)
+    torch.sum(tmp, 0, out=mixed)
+    if normalize:
+        divisor = b.divisor[:width]
+        torch.mul(agree, weights, out=tmp)
+        torch.sum(tmp, 0, out=divisor)
+        divisor.masked_fill_(torch.eq(divisor, 0, out=flag), 1)
+        mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed
+
+
+def _ties_chunked(deltas: torch.Tensor, weight: Floats, density: Floats, *, normalize: bool,
+                  lam: float, prepared: list[torch.Tensor] | None, base: torch.Tensor | None,
+                  out: torch.Tensor | None) -> torch.Tensor:
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    trims = _map(lambda i: _plan_trim(flat[i], density[i], prepared[i] if prepared else None),
+                 list(range(n)))
+    weights = _column(weight, flat)
+    result = torch.empty(deltas.shape[1:], dtype=deltas.dtype) if out is None else out
+    result_flat, base_flat = result.view(-1), None if base is None else base.reshape(-1)
+
+    def work(start: int, end: int, b: _TiesBuffers) -> None:
+        mixed = _ties_chunk(flat[:, start:end], start, trims, weights, b, normalize, lam)
+        if base_flat is None:
+            result_flat[start:end].copy_(mixed)
+        else:
+            torch.add(base_flat[start:end], mixed, out=result_flat[start:end])
+
+    for_chunks(flat.shape[1], lambda worker: _buffers(n, deltas.dtype, deltas.device, worker), work)
+    return result
