@@ -179,6 +179,57 @@ def score_ja_rouge(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", he
     typer.echo(json.dumps(score_rouge_file(path), ensure_ascii=False))
 
 
+@score_app.command("clip")
+def score_clip(
+    images: Annotated[Path, typer.Option("--images", help="folder of images (sorted order, or NNN index names)")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="text file, one prompt per line")],
+    model: Annotated[str | None, typer.Option(help="open_clip model name or hf-hub: id")] = "xlm-roberta-base-ViT-B-32",
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag or checkpoint")] = "laion5b_s13b_b90k",
+    model_config: Annotated[Path | None, typer.Option(help="local open_clip model config JSON")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="weights for --model-config")] = None,
+    device: Annotated[str, typer.Option(help="where CLIP runs (default: cuda if available)")] = "",
+) -> None:
+    """CLIP score of existing images: mean of 100 x max(cos(image, prompt), 0)."""
+    import json
+
+    from evomerge.evaluators.clip_score import load_clip, score_folder
+
+    if model_config is not None:  # a local config names its own model; no pretrained tag
+        model, pretrained = None, None
+    clip = load_clip(model, pretrained, model_config=model_config, checkpoint=checkpoint,
+                     device=device or default_device())
+    typer.echo(json.dumps(score_folder(images, prompts, clip)))
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="model folder, Hub id or SDXL single file")],
+    as_json: Annotated[bool, typer.Option("--json", help='print {"groups": {tensor: group}}')] = False,
+    modality: Annotated[str | None, typer.Option(help="causal_lm, vlm or sdxl (default: from the config)")] = None,
+    grouping: Annotated[str, typer.Option(help="sdxl: blocks, attn_other or blocks_attn_other")] = "blocks",
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Every tensor of a model with its shape and merge group, before writing a recipe."""
+    import json
+
+    from evomerge.pipelines.inspect import inspect_model
+
+    info = inspect_model(model, modality=modality, grouping=grouping, allow_pickle=allow_pickle)
+    if as_json:
+        typer.echo(json.dumps({"groups": info.groups}, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model} ({info.modality}, {len(info.groups)} tensors, {len(set(info.groups.values()))} groups)")
+    table.add_column("tensor", overflow="fold")
+    table.add_column("shape", no_wrap=True)
+    table.add_column("group", no_wrap=True)
+    for name, group in info.groups.items():
+        table.add_row(name, "x".join(map(str, info.shapes[name])) or "scalar", group)
+    Console().print(table)
+
+
 def main() -> None:
     try:
         app()

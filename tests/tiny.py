@@ -225,3 +225,182 @@ def make_sdxl_family(root: Path, *, n: int = 3, seed: int = 0,
             model.save_pretrained(root / name)
         paths[name] = root / name
     return paths
+
+
+# --- tiny SDXL pipelines and CLIP models ----------------------------------------------------------
+
+TINY_TE1_WIDTH = 12  # text_encoder (CLIPTextModel); + text_encoder_2's width = cross_attention_dim
+TINY_TE2_WIDTH = 20
+TINY_CLIP_VOCAB = 512 + 2  # byte-level characters (alone and word-final) + bos/eos
+
+
+def tiny_clip_tokenizer(folder: Path):
+    """A CLIPTokenizer from a vocab.json/merges.txt written here: every byte character, alone and
+    word-final, so any text (Japanese included) tokenizes; a few merges."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    # GPT-2's byte -> printable character table
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    merges = ["#version: 0.2", "a t</w>", "t h", "i n"]
+    for m in merges[1:]:
+        vocab["".join(m.split())] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def make_sdxl_pipeline(root: Path, unet_folder: Path, *, seed: int = 0) -> Path:
+    """A complete tiny StableDiffusionXLPipeline folder around a tiny UNet folder: tiny VAE,
+    CLIPTextModel + CLIPTextModelWithProjection of different widths, two CLIPTokenizers, Euler."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = tiny_clip_tokenizer(root / "_tok")
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    te1 = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=TINY_TE1_WIDTH, intermediate_size=24,
+                                       num_hidden_layers=2, num_attention_heads=2,
+                                       max_position_embeddings=77, **ids))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=TINY_TE2_WIDTH, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=TINY_TEXT_EMBEDS, **ids))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16],
+                        latent_channels=4, norm_num_groups=4, sample_size=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
+
+
+def make_text_encoder_source(root: Path, *, seed: int = 1) -> Path:
+    """A pipeline-shaped folder holding only another text_encoder (a 'Japanese' encoder)."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = tiny_clip_tokenizer(root / "je" / "tokenizer")
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=TINY_TE1_WIDTH, intermediate_size=24,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.eos_token_id))
+    te.save_pretrained(root / "je" / "text_encoder")
+    tok.save_pretrained(root / "je" / "tokenizer")
+    (root / "je" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+         "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    return root / "je"
+
+
+def make_unet_lora(unet_folder: Path, out: Path, *, rank: int = 4, alpha: int = 8, seed: int = 5,
+                   targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Path:
+    """A random LoRA for a tiny UNet made with peft and saved with diffusers' save_lora_weights."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    unet.add_adapter(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                unet_lora_adapter_metadata=config.to_dict())
+    return out
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_open_clip(root: Path, name: str = "evomerge-tiny-clip", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny open_clip model (SimpleTokenizer): its config saved as NAME.json and random weights
+    saved as NAME.pt; returns (config, checkpoint)."""
+    import json
+
+    import open_clip
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(path)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    torch.save(model.state_dict(), root / f"{name}.pt")
+    return path, root / f"{name}.pt"
+
+
+RESNET_TO_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_name_to_sgm(name: str, has_attention: set[int]) -> str:
+    """A diffusers SDXL UNet tensor name in the original (sgm) single-file layout, written out
+    rule by rule from the block mapping; ``has_attention`` lists the up_blocks with attentions."""
+    p = name.split(".")
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([RESNET_TO_SGM[rest[0]], *rest[1:]])
+
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head = ".".join(p[:2]) if p[0] in ("time_embedding", "add_embedding") else p[0]
+    if head in fixed:
+        out = ".".join([fixed[head], *p[len(head.split(".")):]])
+    elif p[0] == "mid_block":
+        kind, j, rest = p[1], int(p[2]), p[3:]
+        out = f"middle_block.{1 if kind == 'attentions' else 2 * j}." + (resnet(rest) if kind == "resnets" else ".".join(rest))
+    elif p[0] == "down_blocks":
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "downsamplers":
+            out = f"input_blocks.{3 * i + 3}.0.op." + ".".join(rest[1:])
+        else:
+            out = f"input_blocks.{3 * i + j + 1}.{0 if kind == 'resnets' else 1}." + (
+                resnet(rest) if kind == "resnets" else ".".join(rest))
+    else:  # up_blocks
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "upsamplers":
+            out = f"output_blocks.{3 * i + 2}.{2 if i in has_attention else 1}.conv." + ".".join(rest[1:])
+        else:
+            out = f"output_blocks.{3 * i + j}.{0 if kind == 'resnets' else 1}." + (
+                resnet(rest) if kind == "resnets" else ".".join(rest))
+    return "model.diffusion_model." + out
+
+
+def save_single_file(unet_folder: Path, path: Path) -> Path:
+    """A diffusers UNet folder re-saved as an original-layout single-file SDXL checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(unet_folder / "diffusion_pytorch_model.safetensors")
+    with_attention = {int(n.split(".")[1]) for n in state if n.startswith("up_blocks.") and ".attentions." in n}
+    save_file({unet_name_to_sgm(n, with_attention): t.contiguous() for n, t in state.items()}, path)
+    return path

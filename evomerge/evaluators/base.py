@@ -70,6 +70,7 @@ EVALUATORS: dict[str, EvaluatorFactory | str] = {
     "ja_math": "evomerge.evaluators.ja_math:JaMathEvaluator",
     "ja_vqa": "evomerge.evaluators.ja_vqa:JaVQAEvaluator",
     "python": "evomerge.evaluators.base:PythonEvaluator",
+    "clip_score": "evomerge.evaluators.clip_score:ClipScoreEvaluator",
 }
 
 

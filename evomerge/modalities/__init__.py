@@ -5,7 +5,8 @@ from __future__ import annotations
 from evomerge.errors import EvomergeError
 
 
-def get_adapter(modality: str, *, grouping: str = "blocks", trust_remote_code: bool = False):
+def get_adapter(modality: str, *, grouping: str = "blocks", trust_remote_code: bool = False,
+                sdxl: object = None):
     if modality == "causal_lm":
         from evomerge.modalities.causal_lm import CausalLMAdapter
 
@@ -17,5 +18,5 @@ def get_adapter(modality: str, *, grouping: str = "blocks", trust_remote_code: b
     if modality == "sdxl":
         from evomerge.modalities.sdxl import SDXLAdapter
 
-        return SDXLAdapter(grouping=grouping)
+        return SDXLAdapter(grouping=grouping, spec=sdxl)
     raise EvomergeError(f"modality {modality!r}: use causal_lm, vlm or sdxl")

@@ -1,4 +1,4 @@
-"""SDXL UNets (diffusers ``UNet2DConditionModel``), merged block by block.
+"""SDXL UNets (diffusers ``UNet2DConditionModel``), merged block by block, sampled as a pipeline.
 
 Canonical names are the diffusers UNet ``state_dict`` names. Groups follow the 20-value
 block layout (BASE, IN00-IN08, M00, OUT00-OUT08) with evomerge's fixed mapping from diffusers
@@ -12,18 +12,40 @@ merge) is BASE.
 ``grouping`` picks the unit of per-group values: ``blocks`` (the 20 above), ``attn_other``
 (attention projections to_q/to_k/to_v/to_out.0 against everything else, as EvoSDXL-JP's public
 loader does) or ``blocks_attn_other`` (each block split in two, e.g. ``IN04.attn``).
+
+Sources are diffusers UNet folders, pipeline folders or Hub ids (their ``unet/``), or single-file
+SDXL checkpoints (``.safetensors``; converted by diffusers, with the UNet config taken from the
+recipe's ``sdxl.pipeline``). The recipe's ``sdxl:`` block (:class:`evomerge.recipe.SDXLSpec`) adds:
+
+- ``lora``: a LoRA (e.g. SDXL-Lightning 4-step) fused into one source (``into: <label>``) or into
+  the merged UNet (``into: merged``). For the latter the LoRA's weight deltas are computed once
+  (by peft, exactly as diffusers' ``fuse_lora`` computes them) and added after every in-place
+  merge and to every exported tensor they touch;
+- ``pipeline`` (+ ``components``): the rest of the pipeline. The runnable is then a
+  ``StableDiffusionXLPipeline`` built once whose UNet the engine rewrites in place each trial,
+  with the recipe's scheduler and its sampling settings attached as ``pipe.evomerge_sampling``;
+  the export is a full pipeline folder that stock ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from evomerge.checkpoint import read_safetensors_header
 from evomerge.errors import EvomergeError
 from evomerge.modalities.base import TensorSource, open_checkpoint, resolve_folder
+
+if TYPE_CHECKING:
+    from evomerge.recipe import LoraSpec, SDXLSpec
 
 BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
 GROUPINGS = ("blocks", "attn_other", "blocks_attn_other")
@@ -53,21 +75,224 @@ def is_attention_projection(name: str) -> bool:
     return ATTENTION_RE.search(name) is not None
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+LORA_ADAPTER = "evomerge"
+UNET_STEM = "diffusion_pytorch_model"
+
+
+def is_single_file(ref: str) -> bool:
+    path = Path(ref).expanduser()
+    return path.suffix in SINGLE_FILE_SUFFIXES and (path.is_file() or not path.exists())
+
+
+def _weight_variant(filename: str) -> str | None:
+    """``model.fp16.safetensors`` -> fp16, ``model-00001-of-00002.safetensors`` -> None."""
+    parts = Path(filename).name.split(".")
+    return parts[1].split("-")[0] if len(parts) > 2 else None
+
+
+def fetch(ref: str, subfolders: list[str], variant: str | None = None) -> Path:
+    """A local folder for a pipeline folder or Hub id, fetching only ``subfolders`` (and
+    model_index.json) from the Hub: configs, tokenizer files and safetensors weights of one
+    variant (``variant`` where the folder has it, else the plain weights, else any)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise EvomergeError(f"model {ref!r}: no such folder, and not a Hub id (owner/name)")
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+
+        files = list_repo_files(ref)
+        wanted = ["model_index.json"]
+        for sub in subfolders:
+            inside = [f for f in files if f.startswith(f"{sub}/") and f.count("/") == 1]
+            weights = [f for f in inside if f.endswith(".safetensors")]
+            by_variant: dict[str | None, list[str]] = {}
+            for f in weights:
+                by_variant.setdefault(_weight_variant(f), []).append(f)
+            pick = variant if variant in by_variant else (None if None in by_variant else next(iter(by_variant), None))
+            wanted += [f for f in inside if not f.endswith((".safetensors", ".bin", ".onnx", ".msgpack", ".ckpt",
+                                                             ".onnx_data", ".pb", ".h5"))]
+            wanted += by_variant.get(pick, [])
+        return Path(snapshot_download(ref, allow_patterns=wanted))
+    except EvomergeError:
+        raise
+    except Exception as e:  # network, auth, missing repo: all the same to the user
+        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({type(e).__name__}: {e})") from None
+
+
+def _folder_variant(folder: Path, variant: str | None) -> str | None:
+    """``variant`` when ``folder`` holds weights of that variant, else None (plain weights)."""
+    if variant and any(_weight_variant(p.name) == variant for p in folder.glob("*.safetensors")):
+        return variant
+    if folder.is_dir() and not any(_weight_variant(p.name) is None for p in folder.glob("*.safetensors")):
+        found = {_weight_variant(p.name) for p in folder.glob("*.safetensors")}
+        return next(iter(sorted(v for v in found if v)), None)
+    return None
+
+
+def load_component(ref: str, name: str, dtype: torch.dtype | None, variant: str | None = None) -> Any:
+    """One pipeline component (``text_encoder``, ``tokenizer``, ``vae``...) from a pipeline folder
+    or Hub id, with the class its model_index.json names."""
+    root = fetch(ref, [name], variant)
+    folder = root / name
+    if not folder.is_dir():
+        raise EvomergeError(f"sdxl.components.{name}: {ref} has no {name}/ folder")
+    index = root / "model_index.json"
+    library, class_name = (json.loads(index.read_text()).get(name) or [None, None]) if index.exists() else (None, None)
+    cls = None
+    if library in ("transformers", "diffusers") and class_name:
+        cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:  # a custom class (remote code): the auto classes
+        from transformers import AutoModel, AutoTokenizer
+
+        if "tokenizer" in name:
+            return AutoTokenizer.from_pretrained(folder, use_fast=False)
+        cls = AutoModel
+    if "tokenizer" in name or "scheduler" in name or not hasattr(cls, "from_pretrained"):
+        return cls.from_pretrained(folder)
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if (v := _folder_variant(folder, variant)) is not None:
+        kwargs["variant"] = v
+    return cls.from_pretrained(folder, **kwargs)
+
+
+def lora_deltas(spec: LoraSpec, unet_config: dict, dtype: torch.dtype, device: str | torch.device = "cpu",
+                ) -> dict[str, torch.Tensor]:
+    """The weight deltas a LoRA adds when fused: canonical UNet name -> delta (in ``dtype``).
+
+    diffusers reads the file (diffusers, kohya and peft formats, network alphas and adapter
+    metadata) and loads it into a UNet built on the meta device (no weights); peft then computes
+    each delta (in float32) from the real LoRA factors, scaled by ``spec.scale`` as ``fuse_lora``
+    scales them.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    kwargs = {"weight_name": spec.weight_name} if spec.weight_name else {}
+    try:  # unet_config: how original-layout (sgm) LoRA block names map to diffusers'
+        state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
+            spec.path, return_lora_metadata=True, unet_config=unet.config, **kwargs)
+    except Exception as e:
+        raise EvomergeError(f"sdxl.lora {spec.path!r}: cannot read ({type(e).__name__}: {e})") from None
+    factors = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if not factors:
+        raise EvomergeError(f"sdxl.lora {spec.path!r}: no UNet LoRA weights in it")
+    if not any("lora_A" in k for k in factors):
+        factors = convert_unet_state_dict_to_peft(factors)
+    try:
+        StableDiffusionXLPipeline.load_lora_into_unet(
+            dict(state), alphas, unet, adapter_name=LORA_ADAPTER, metadata=metadata, low_cpu_mem_usage=True)
+    except Exception as e:
+        raise EvomergeError(f"sdxl.lora {spec.path!r}: does not fit this UNet ({type(e).__name__}: {e})") from None
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if not isinstance(module, BaseTunerLayer) or LORA_ADAPTER not in getattr(module, "lora_A", {}):
+                continue
+            for part in ("lora_A", "lora_B"):
+                weight = factors[f"{name}.{part}.weight"].to(torch.float32)
+                getattr(module, part)[LORA_ADAPTER].weight = torch.nn.Parameter(weight, requires_grad=False)
+            if spec.scale != 1.0:
+                module.scale_layer(spec.scale)
+            deltas[f"{name}.weight"] = module.get_delta_weight(LORA_ADAPTER).to(device=device, dtype=dtype)
+    return deltas
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No per-component progress bars while a pipeline loads (once per run, not worth a bar)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
 class SDXLAdapter:
     modality = "sdxl"
-    weights_stem = "diffusion_pytorch_model"
+    weights_stem = UNET_STEM
 
-    def __init__(self, grouping: str = "blocks"):
+    def __init__(self, grouping: str = "blocks", spec: SDXLSpec | None = None):
         if grouping not in GROUPINGS:
             raise EvomergeError(f"sdxl grouping {grouping!r}: use one of {', '.join(GROUPINGS)}")
         self.grouping = grouping
+        if spec is None:
+            from evomerge.recipe import SDXLSpec
+
+            spec = SDXLSpec()
+        self.spec = spec
+        self._config: dict = {}
+        self._merged_lora: dict[str, torch.Tensor] | None = None  # LoRA into the merge: deltas
+
+    # -- opening sources ------------------------------------------------------------------------
 
     def open(self, ref: str, label: str, *, allow_pickle: bool = False) -> TensorSource:
-        folder = resolve_folder(ref, subfolder="unet", allow_pickle=allow_pickle)
-        source = open_checkpoint(label, folder, self.weights_stem, lambda n: n, allow_pickle=allow_pickle)
-        if source.config.get("_class_name") not in (None, "UNet2DConditionModel"):
-            raise EvomergeError(f"model {label}: {folder} holds a {source.config['_class_name']}, not a UNet")
+        if is_single_file(ref):
+            source = self._open_single_file(ref, label, allow_pickle=allow_pickle)
+        else:
+            path = Path(ref).expanduser()
+            if path.exists():
+                folder = resolve_folder(ref, subfolder="unet", allow_pickle=allow_pickle)
+            else:  # a Hub pipeline (its unet/, one weight variant), or a bare UNet repo
+                folder = fetch(ref, ["unet"], self.spec.variant) / "unet"
+                if not folder.is_dir():
+                    folder = resolve_folder(ref, allow_pickle=allow_pickle)
+            source = open_checkpoint(label, folder, self.weights_stem, lambda n: n, allow_pickle=allow_pickle)
+            if source.config.get("_class_name") not in (None, "UNet2DConditionModel"):
+                raise EvomergeError(f"model {label}: {folder} holds a {source.config['_class_name']}, not a UNet")
+        self._config = source.config
+        lora = self.spec.lora
+        if lora is not None and lora.into == label:
+            self._fuse_into_source(source)
         return source
+
+    def _open_single_file(self, ref: str, label: str, *, allow_pickle: bool) -> TensorSource:
+        """A single-file SDXL checkpoint, converted by diffusers (read eagerly)."""
+        from diffusers import UNet2DConditionModel
+
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise EvomergeError(f"model {label}: {ref} does not exist")
+        if path.suffix != ".safetensors" and not allow_pickle:
+            raise EvomergeError(f"model {label}: {path.name} is a pickle checkpoint; pickles can run code when "
+                                "loaded. Convert to safetensors, or pass --allow-pickle if you trust it")
+        if not self.spec.pipeline:
+            raise EvomergeError(f"model {label}: a single-file checkpoint needs sdxl.pipeline (a pipeline folder "
+                                "or Hub id whose unet/config.json describes it)")
+        config_root = fetch(self.spec.pipeline, ["unet"], self.spec.variant)
+        dtype = None
+        if path.suffix == ".safetensors":
+            dtype = next((e.dtype for e in read_safetensors_header(path).values() if e.dtype.is_floating_point), None)
+        try:
+            unet = UNet2DConditionModel.from_single_file(str(path), config=str(config_root), subfolder="unet",
+                                                         dtype=dtype)
+        except Exception as e:
+            raise EvomergeError(f"model {label}: cannot read {path.name} as an SDXL checkpoint "
+                                f"({type(e).__name__}: {e})") from None
+        state = {n: t.detach() for n, t in unet.state_dict().items()}
+        config = json.loads((config_root / "unet" / "config.json").read_text())
+        return TensorSource(label, config_root / "unet", {}, state, config)
+
+    def _fuse_into_source(self, source: TensorSource) -> None:
+        deltas = lora_deltas(self.spec.lora, source.config, torch.float32)
+        for name, delta in deltas.items():
+            if name not in source:
+                raise EvomergeError(f"sdxl.lora: {name} is not a tensor of {source.label}")
+            dtype = source.dtype(name)
+            source.loaded[name] = (source.read(name, torch.float32) + delta).to(dtype)
+
+    # -- groups ---------------------------------------------------------------------------------
 
     def group(self, name: str) -> str:
         part = "attn" if is_attention_projection(name) else "other"
@@ -93,14 +318,146 @@ class SDXLAdapter:
     def merge_role(self, name: str, reference: TensorSource) -> str:
         return "merge"
 
-    def build(self, reference: TensorSource, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    # -- a LoRA fused into the merged UNet ------------------------------------------------------
+
+    @property
+    def lora_into_merged(self) -> bool:
+        return self.spec.lora is not None and self.spec.lora.into == "merged"
+
+    def merged_lora(self, dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+        """The deltas of a LoRA fused into the merge, computed once (in the merge's dtype)."""
+        if self._merged_lora is None:
+            self._merged_lora = lora_deltas(self.spec.lora, self._config, dtype, device) if self.lora_into_merged else {}
+        return self._merged_lora
+
+    def after_merge(self, params: dict[str, torch.Tensor]) -> None:
+        """Re-add the LoRA after the engine rewrote the merged tensors in place."""
+        if not self.lora_into_merged:
+            return
+        first = next(iter(params.values()))
+        with torch.no_grad():
+            for name, delta in self.merged_lora(first.dtype, first.device).items():
+                params[name].add_(delta)
+
+    def finish_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An exported tensor with the LoRA fused in (a new tensor; the input is left alone)."""
+        if not self.lora_into_merged:
+            return tensor
+        delta = self.merged_lora(tensor.dtype, tensor.device).get(name)
+        return tensor if delta is None else tensor + delta.to(tensor.device, tensor.dtype)
+
+    # -- the runnable: a pipeline around the resident UNet --------------------------------------
+
+    def pipeline_ref(self, reference: TensorSource) -> str | None:
+        """What completes the UNet into a pipeline: sdxl.pipeline, or the pipeline folder the
+        reference UNet came from."""
+        if self.spec.pipeline:
+            return self.spec.pipeline
+        index = reference.folder.parent / "model_index.json"
+        if reference.folder.name == "unet" and index.exists() and "text_encoder_2" in json.loads(index.read_text()):
+            return str(reference.folder.parent)
+        return None
+
+    def sampling(self, *, search: bool = True) -> dict[str, Any]:
+        """pipeline(...) keyword arguments for evaluation (search size, or the full size)."""
+        s = self.spec
+        height = (s.search_height or s.height) if search else s.height
+        width = (s.search_width or s.width) if search else s.width
+        return {"num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "height": height, "width": width}
+
+    def scheduler(self, current: Any) -> Any:
+        """The recipe's scheduler, configured from the pipeline's own scheduler config."""
+        if not self.spec.scheduler:
+            return current
+        import diffusers
+
+        cls = getattr(diffusers, self.spec.scheduler, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise EvomergeError(f"sdxl.scheduler {self.spec.scheduler!r}: not a diffusers scheduler class")
+        return cls.from_config(current.config, **self.spec.scheduler_options)
+
+    def load_pipeline(self, ref: str, unet: Any, dtype: torch.dtype) -> Any:
+        """A StableDiffusionXLPipeline from ``ref`` around ``unet`` (None: no UNet, for export),
+        with the recipe's components and scheduler."""
+        from diffusers import StableDiffusionXLPipeline
+
+        parts = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"]
+        overrides = {name: load_component(src, name, dtype, self.spec.variant)
+                     for name, src in self.spec.components.items()}
+        root = fetch(ref, [p for p in parts if p not in overrides], self.spec.variant)
+        if not (root / "model_index.json").exists():
+            raise EvomergeError(f"sdxl.pipeline {ref}: not a pipeline folder (no model_index.json)")
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if self.spec.variant and _folder_variant(root / "text_encoder_2", self.spec.variant):
+            kwargs["variant"] = self.spec.variant
+        try:
+            with _quiet_loading():
+                pipe = StableDiffusionXLPipeline.from_pretrained(root, unet=unet, **overrides, **kwargs)
+        except Exception as e:
+            raise EvomergeError(f"sdxl.pipeline {ref}: cannot load ({type(e).__name__}: {e})") from None
+        pipe.scheduler = self.scheduler(pipe.scheduler)
+        return pipe
+
+    def build_unet(self, reference: TensorSource, dtype: torch.dtype) -> torch.nn.Module:
+        """The reference UNet (any source kind) from its config and tensors."""
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel.from_pretrained(reference.folder, torch_dtype=dtype).to(device).eval()
+        config = {k: v for k, v in reference.config.items() if not k.startswith("_")}
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+        state = {n: reference.read(n, dtype if reference.dtype(n).is_floating_point else None)
+                 for n in reference.names()}
+        unet.load_state_dict(state, strict=True, assign=True)
+        return unet.eval()
+
+    def build(self, reference: TensorSource, dtype: torch.dtype, device: str) -> Any:
+        unet = self.build_unet(reference, dtype)
+        if torch.device(device).type != "cpu":
+            unet.to(device)
+        self.after_merge(dict(unet.state_dict(keep_vars=True)))
+        ref = self.pipeline_ref(reference)
+        if ref is None:
+            return unet
+        pipe = self.load_pipeline(ref, unet, dtype)
+        if torch.device(device).type != "cpu":
+            pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.evomerge_sampling = self.sampling(search=True)
+        pipe.evomerge_final_sampling = self.sampling(search=False)
+        return pipe
 
     def parameters(self, runnable: torch.nn.Module) -> dict[str, torch.Tensor]:
         unet = getattr(runnable, "unet", runnable)
         return dict(unet.state_dict(keep_vars=True))
 
+    # -- export ---------------------------------------------------------------------------------
+
+    def export_pipeline(self, reference: TensorSource) -> str | None:
+        """The pipeline to complete the saved UNet with, or None for a UNet folder."""
+        if self.spec.export == "unet":
+            return None
+        ref = self.spec.pipeline
+        if self.spec.export == "pipeline" and ref is None:
+            ref = self.pipeline_ref(reference)
+            if ref is None:
+                raise EvomergeError("sdxl.export: pipeline needs sdxl.pipeline (what completes the UNet)")
+        return ref
+
     def save_extras(self, reference: TensorSource, out_dir: Path, dtype: torch.dtype) -> None:
-        shutil.copy2(reference.folder / "config.json", out_dir / "config.json")
+        ref = self.export_pipeline(reference)
+        config = reference.folder / "config.json"
+        if ref is None:
+            shutil.copy2(config, out_dir / "config.json")
+            return
+        unet_dir = out_dir / "unet"
+        unet_dir.mkdir()
+        for p in list(out_dir.iterdir()):
+            if p.is_file() and p.name.startswith(self.weights_stem):
+                p.rename(unet_dir / p.name)
+        shutil.copy2(config, unet_dir / "config.json")
+        pipe = self.load_pipeline(ref, None, dtype)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        index_path = out_dir / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -150,6 +150,8 @@ class Evolution:
         self.storage = storage or self.paths.storage_url()
         write_json_atomic(self.paths.root / "run.json", {"storage": self.storage, "study": self.recipe.name})
         self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.candidates.tokenizer_source)
+        if hasattr(self.evaluator, "set_run_dir"):  # evaluators that write files (image grids)
+            self.evaluator.set_run_dir(self.paths.root)
 
     def _claim_run_dir(self, recipe_path: Path) -> None:
         """Create the run directory with a copy of the recipe, or check it holds the same one."""
