@@ -136,7 +136,7 @@ class ShardedSafetensorsWriter:
         self.where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._fds = []
         weight_map, total = {}, 0
-        for file_name, shard in zip(names, shards):
+        for file_name, shard in zip(names, shards, strict=True):
             header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
             for t in shard:
                 header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),

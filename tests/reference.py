@@ -76,3 +76,19 @@ def gradient(values, depth: float) -> float:
     i0 = int(scaled)
     i1 = min(len(values) - 1, i0 + 1)
     return (1 - (scaled - i0)) * values[i0] + (scaled - i0) * values[i1]
+
+
+def raw_vlm(folder) -> dict[str, torch.Tensor]:
+    """A VLM folder's tensors under legacy names, whatever layout is on disk (independent of evomerge)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for k, v in load_file(folder / "model.safetensors").items():
+        if k.startswith("model.language_model."):
+            k = "language_model.model." + k[len("model.language_model."):]
+        elif k.startswith("lm_head."):
+            k = "language_model." + k
+        elif k.startswith("model."):
+            k = k[len("model."):]
+        out[k] = v
+    return out

@@ -86,9 +86,8 @@ def test_evolve_records_trials_baselines_best_and_report(llama_fp32, tmp_path, m
     baselines = json.loads((run / "baselines.json").read_text())
     assert set(baselines) == {"m1", "average"}
     # The m1 baseline is m1 itself: score equals the evaluator run on the stock model.
-    from transformers import AutoModelForCausalLM
-
     from scoring import likelihood
+    from transformers import AutoModelForCausalLM
 
     stock = AutoModelForCausalLM.from_pretrained(llama_fp32["m1"])
     assert baselines["m1"]["score"] == pytest.approx(likelihood(stock), abs=1e-5)

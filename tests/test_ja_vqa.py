@@ -32,6 +32,7 @@ from evomerge.evaluators.ja_vqa import (
     score_file,
     score_pairs,
 )
+from tests.reference import raw_vlm
 from tests.tiny import VLM_TEXT_VOCAB, make_vlm_family
 
 V = VLM_TEXT_VOCAB
@@ -295,20 +296,6 @@ def test_evaluator_uses_the_chat_template(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # A tiny EvoVLM-JP
 # --------------------------------------------------------------------------------------------
-
-
-def raw_vlm(folder: Path) -> dict[str, torch.Tensor]:
-    """A VLM folder's tensors under legacy names, whatever layout is on disk."""
-    out = {}
-    for k, v in load_file(folder / "model.safetensors").items():
-        if k.startswith("model.language_model."):
-            k = "language_model.model." + k[len("model.language_model."):]
-        elif k.startswith("lm_head."):
-            k = "language_model." + k
-        elif k.startswith("model."):
-            k = k[len("model."):]
-        out[k] = v
-    return out
 
 
 def test_tiny_evovlm_evolve_export_reload(tmp_path: Path) -> None:

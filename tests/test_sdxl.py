@@ -18,6 +18,7 @@ from evomerge.errors import EvomergeError
 from evomerge.modalities.sdxl import BLOCKS, SDXLAdapter
 from evomerge.pipelines.merge import merge_to_folder, open_session
 from evomerge.recipe import load_recipe
+from tests import reference
 from tests.tiny import TINY_TEXT_EMBEDS, make_sdxl_family, sdxl_unet_config
 
 ATTN = {"to_q", "to_k", "to_v"}
@@ -209,20 +210,6 @@ def test_linear_per_group_values(tmp_path: Path, family: dict[str, Path]) -> Non
     assert_loaded(runnable, merged)
 
 
-def ties_reference(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    trimmed = []
-    for d in deltas:
-        k = max(1, int(density * d.numel()))
-        keep = torch.zeros(d.numel(), dtype=torch.bool)
-        keep[d.abs().reshape(-1).topk(k).indices] = True
-        trimmed.append(torch.where(keep.reshape(d.shape), d, 0))
-    weighted = [w * t for w, t in zip(weights, trimmed, strict=True)]
-    sign = torch.where(sum(weighted) >= 0, 1.0, -1.0)
-    num = sum(x * (x.sign() == sign) for x in weighted)
-    den = sum(w * (x.sign() == sign) for w, x in zip(weights, weighted, strict=True))
-    return num / torch.where(den == 0, torch.ones_like(den), den)
-
-
 def test_ties_from_pipeline_base(tmp_path: Path, family: dict[str, Path]) -> None:
     # the base given as a pipeline folder (model_index.json + unet/)
     pipeline_base = tmp_path / "pipe"
@@ -240,7 +227,7 @@ def test_ties_from_pipeline_base(tmp_path: Path, family: dict[str, Path]) -> Non
     merged, base = unet_file(out), unet_file(family["base"])
     src = [unet_file(family[n]) for n in ("u1", "u2", "u3")]
     for name in merged:
-        expected = base[name] + ties_reference([s[name] - base[name] for s in src], weights, density)
+        expected = reference.ties(base[name], [s[name] for s in src], weights, [density] * 3).float()
         torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
     reload_and_run(out)
 

@@ -19,24 +19,11 @@ from safetensors.torch import load_file
 from evomerge.errors import EvomergeError
 from evomerge.pipelines.merge import merge_to_folder, open_session
 from evomerge.recipe import load_recipe
+from tests import reference
+from tests.reference import raw_vlm
 from tests.tiny import VLM_TEXT_VOCAB, make_vlm_family
 
 V = VLM_TEXT_VOCAB
-
-
-def raw_vlm(folder: Path) -> dict[str, torch.Tensor]:
-    """The VLM's tensors under legacy names, whatever layout is on disk (independent of evomerge)."""
-    state = load_file(folder / "model.safetensors")
-    out = {}
-    for k, v in state.items():
-        if k.startswith("model.language_model."):
-            k = "language_model.model." + k[len("model.language_model."):]
-        elif k.startswith("lm_head."):
-            k = "language_model." + k
-        elif k.startswith("model."):
-            k = k[len("model."):]
-        out[k] = v
-    return out
 
 
 def write_recipe(tmp: Path, paths: dict[str, Path], merge: dict, **extra) -> Path:
@@ -47,22 +34,6 @@ def write_recipe(tmp: Path, paths: dict[str, Path], merge: dict, **extra) -> Pat
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def ties_reference(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    """TIES as REFERENCE.md states it, written out with topk (no ties among random floats)."""
-    trimmed = []
-    for d in deltas:
-        k = max(1, int(density * d.numel()))
-        keep = torch.zeros(d.numel(), dtype=torch.bool)
-        keep[d.abs().reshape(-1).topk(k).indices] = True
-        trimmed.append(torch.where(keep.reshape(d.shape), d, 0))
-    weighted = [w * t for w, t in zip(weights, trimmed, strict=True)]
-    sign = torch.where(sum(weighted) >= 0, 1.0, -1.0)
-    num = sum(x * (x.sign() == sign) for x in weighted)
-    den = sum(w * (x.sign() == sign) for w, x in zip(weights, weighted, strict=True))
-    den = torch.where(den == 0, torch.ones_like(den), den)
-    return num / den
 
 
 def image(seed: int = 0) -> Image.Image:
@@ -165,7 +136,7 @@ def test_llava_next_ties_via_cli(tmp_path: Path, layout: str) -> None:
     assert_vision_kept(merged, vlm, "llava_next")
 
     def expected(vlm_t: torch.Tensor, base_t: torch.Tensor, text_t: torch.Tensor) -> torch.Tensor:
-        return base_t + ties_reference([vlm_t - base_t, text_t - base_t], weights, density)
+        return reference.ties(base_t, [vlm_t, text_t], weights, [density] * 2).float()
 
     emb = "language_model.model.embed_tokens.weight"
     torch.testing.assert_close(merged[emb][:V], expected(vlm[emb][:V], base["model.embed_tokens.weight"],

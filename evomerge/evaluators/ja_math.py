@@ -312,16 +312,20 @@ def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def load_pretrained(loader: Any, source: str | Path, what: str) -> Any:
+    """``loader.from_pretrained(source)`` with a one-line error naming ``what`` failed to load."""
+    try:
+        return loader.from_pretrained(str(source))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise EvomergeError(f"{what} {str(source)!r}: could not load ({type(e).__name__}: {first})") from None
+
+
 def load_tokenizer(source: str | Path) -> Any:
     """A tokenizer for batched generation: left padding, with a pad token (eos if none)."""
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except Exception as e:
-        raise EvomergeError(f"tokenizer {str(source)!r}: could not load ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return prepare_tokenizer(tokenizer)
+    return prepare_tokenizer(load_pretrained(AutoTokenizer, source, "tokenizer"))
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

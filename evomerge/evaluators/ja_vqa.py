@@ -42,7 +42,12 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import Result
 from evomerge.evaluators.data import load_rows, read_jsonl
-from evomerge.evaluators.ja_math import JapaneseDetector, is_japanese
+from evomerge.evaluators.ja_math import (
+    JapaneseDetector,
+    is_japanese,
+    load_pretrained,
+    prepare_tokenizer,
+)
 
 # --------------------------------------------------------------------------------------------
 # Normalisation (neologdn-style, in pure Python: neologdn needs a C++ build)
@@ -353,12 +358,7 @@ def load_processor(source: str | Path) -> Any:
     """The VLM's processor (tokenizer + image processor), set up for left-padded batches."""
     from transformers import AutoProcessor
 
-    try:
-        processor = AutoProcessor.from_pretrained(str(source))
-    except Exception as e:
-        raise EvomergeError(f"processor {str(source)!r}: could not load ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return prepare_processor(processor)
+    return prepare_processor(load_pretrained(AutoProcessor, source, "processor"))
 
 
 def prepare_processor(processor: Any) -> Any:
@@ -366,11 +366,7 @@ def prepare_processor(processor: Any) -> Any:
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise EvomergeError("evaluator ja_vqa: the processor has no tokenizer (is this a VLM folder?)")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise EvomergeError("tokenizer has neither a pad nor an eos token; cannot batch")
-        tokenizer.pad_token = tokenizer.eos_token
+    prepare_tokenizer(tokenizer)
     return processor
 
 

@@ -107,7 +107,7 @@ class MergeEngine:
                 if any(s != ref_shape for s in shapes):
                     same_but_rows = all(s[1:] == ref_shape[1:] for s in shapes)
                     if not (self.adapter.is_vocab(name) and same_but_rows):
-                        bad = next(src for src, s in zip(self.inputs, shapes) if s != ref_shape)
+                        bad = next(src for src, s in zip(self.inputs, shapes, strict=True) if s != ref_shape)
                         raise EvomergeError(
                             f"model {bad.label}: tensor {name} has shape {list(bad.shape(name))}, "
                             f"{self.reference.label} has {list(ref_shape)}; merge models of the same architecture")

@@ -276,7 +276,7 @@ def ties(deltas: torch.Tensor, weight: Floats, density: Floats | None = None, *,
 
 def _dare(deltas, density, rng, rescale):
     density = density or [1.0] * len(deltas)
-    return torch.stack([dare_drop(d, p, g, rescale) for d, p, g in zip(deltas, density, rng)])
+    return torch.stack([dare_drop(d, p, g, rescale) for d, p, g in zip(deltas, density, rng, strict=True)])
 
 
 @merge_method("dare_ties", on_deltas=True, needs_rng=True, params=[WEIGHT, DENSITY, LAMBDA,
