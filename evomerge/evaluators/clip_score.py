@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.evaluators.base import Result
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -70,7 +70,7 @@ def load_clip(model: str | None = None, pretrained: str | None = None, *, model_
         tokenizer = open_clip.get_tokenizer(model)
     except Exception as e:
         raise EvomergeError(f"clip model {model!r} ({weights or 'random weights'}): cannot load "
-                            f"({type(e).__name__}: {e})") from None
+                            f"({describe(e)})") from None
     net.eval()
     return ClipModel(net, preprocess, tokenizer, device, model)
 

@@ -39,7 +39,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.evaluators.base import Result
 from evomerge.evaluators.data import load_rows, read_jsonl
 from evomerge.evaluators.ja_math import (
@@ -429,7 +429,7 @@ class JaVQAEvaluator:
                 return chat_prompt(self.processor, question, self.spec.get("system"))
             except Exception as e:
                 raise EvomergeError(f"evaluator ja_vqa: the processor's chat template failed "
-                                    f"({type(e).__name__}: {e})") from None
+                                    f"({describe(e)})") from None
         template = PROMPTS.get(prompt, prompt)
         image_token = getattr(self.processor, "image_token", None) or "<image>"
         return format_prompt(question, str(template), image_token)

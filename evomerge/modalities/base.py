@@ -52,7 +52,9 @@ def resolve_folder(ref: str, *, subfolder: str | None = None, allow_pickle: bool
             patterns = [f"{subfolder}/{p}" for p in patterns] + ["model_index.json"]
         local = Path(snapshot_download(ref, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo: all the same to the user
-        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({type(e).__name__}: {e})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({type(e).__name__}: {first}); "
+                            "check the id, your network and HF_TOKEN, or pass a local folder") from None
     return local / subfolder if subfolder and (local / subfolder).is_dir() else local
 
 

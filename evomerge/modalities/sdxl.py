@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from evomerge.checkpoint import read_safetensors_header
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.modalities.base import TensorSource, open_checkpoint, resolve_folder
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def fetch(ref: str, subfolders: list[str], variant: str | None = None) -> Path:
     except EvomergeError:
         raise
     except Exception as e:  # network, auth, missing repo: all the same to the user
-        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({type(e).__name__}: {e})") from None
+        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({describe(e)})") from None
 
 
 def _folder_variant(folder: Path, variant: str | None) -> str | None:
@@ -179,7 +179,7 @@ def lora_deltas(spec: LoraSpec, unet_config: dict, dtype: torch.dtype, device: s
         state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
             spec.path, return_lora_metadata=True, unet_config=unet.config, **kwargs)
     except Exception as e:
-        raise EvomergeError(f"sdxl.lora {spec.path!r}: cannot read ({type(e).__name__}: {e})") from None
+        raise EvomergeError(f"sdxl.lora {spec.path!r}: cannot read ({describe(e)})") from None
     factors = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     if not factors:
         raise EvomergeError(f"sdxl.lora {spec.path!r}: no UNet LoRA weights in it")
@@ -189,7 +189,7 @@ def lora_deltas(spec: LoraSpec, unet_config: dict, dtype: torch.dtype, device: s
         StableDiffusionXLPipeline.load_lora_into_unet(
             dict(state), alphas, unet, adapter_name=LORA_ADAPTER, metadata=metadata, low_cpu_mem_usage=True)
     except Exception as e:
-        raise EvomergeError(f"sdxl.lora {spec.path!r}: does not fit this UNet ({type(e).__name__}: {e})") from None
+        raise EvomergeError(f"sdxl.lora {spec.path!r}: does not fit this UNet ({describe(e)})") from None
     deltas: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, module in unet.named_modules():
@@ -279,7 +279,7 @@ class SDXLAdapter:
                                                          dtype=dtype)
         except Exception as e:
             raise EvomergeError(f"model {label}: cannot read {path.name} as an SDXL checkpoint "
-                                f"({type(e).__name__}: {e})") from None
+                                f"({describe(e)})") from None
         state = {n: t.detach() for n, t in unet.state_dict().items()}
         config = json.loads((config_root / "unet" / "config.json").read_text())
         return TensorSource(label, config_root / "unet", {}, state, config)
@@ -394,7 +394,7 @@ class SDXLAdapter:
             with _quiet_loading():
                 pipe = StableDiffusionXLPipeline.from_pretrained(root, unet=unet, **overrides, **kwargs)
         except Exception as e:
-            raise EvomergeError(f"sdxl.pipeline {ref}: cannot load ({type(e).__name__}: {e})") from None
+            raise EvomergeError(f"sdxl.pipeline {ref}: cannot load ({describe(e)})") from None
         pipe.scheduler = self.scheduler(pipe.scheduler)
         return pipe
 

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.evaluators.base import Result, load_evaluator
 from evomerge.pipelines.candidates import make_candidates
 from evomerge.recipe import Recipe, load_recipe
@@ -139,13 +139,14 @@ class Evolution:
         if not self.recipe.evaluator:
             raise EvomergeError(f"{recipe_path}: field evaluator: missing; evolve needs an evaluator to score trials")
         self.paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / self.recipe.name)
-        self._claim_run_dir(Path(recipe_path))
         self.console = console or Console()
+        # models are opened (and checked) before the run directory is made
         self.candidates = make_candidates(
             self.recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
             console=self.console)
         if not self.candidates.space.names:
             raise EvomergeError(f"{recipe_path}: field merge.search: empty; name the values to search, e.g. weight: [0, 1]")
+        self._claim_run_dir(Path(recipe_path))
         self.sampler_kind = sampler or self.recipe.search.sampler
         self.storage = storage or self.paths.storage_url()
         write_json_atomic(self.paths.root / "run.json", {"storage": self.storage, "study": self.recipe.name})
@@ -200,8 +201,8 @@ class Evolution:
             for k, v in result.metrics.items():
                 trial.set_user_attr(k, v)
         except Exception as e:  # a bad candidate fails alone; the run goes on
-            record.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=3))
-            trial.set_user_attr("reason", f"{type(e).__name__}: {e}"[:500])
+            record.update(error=f"{describe(e)}", traceback=traceback.format_exc(limit=3))
+            trial.set_user_attr("reason", f"{describe(e)}"[:500])
         trial.set_user_attr("merge_s", merge_s)
         trial.set_user_attr("eval_s", eval_s)
         record.update(merge_s=merge_s, eval_s=eval_s)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.merging.engine import parse_dtype
 from evomerge.merging.methods import get_method
 from evomerge.merging.space import SearchSpace
@@ -60,7 +60,7 @@ def config_folder(ref: str, subfolder: str | None) -> Path:
         name = f"{subfolder}/config.json" if subfolder else "config.json"
         return Path(hf_hub_download(ref, name)).parent
     except Exception as e:
-        raise EvomergeError(f"model {ref!r}: cannot read its config ({type(e).__name__}: {e})") from None
+        raise EvomergeError(f"model {ref!r}: cannot read its config ({describe(e)})") from None
 
 
 def meta_state(recipe: Recipe, folder: Path) -> dict[str, torch.Tensor]:
