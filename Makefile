@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/evomerge demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_merge.py
