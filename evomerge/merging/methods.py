@@ -439,11 +439,20 @@ def magnitude_histogram(x: torch.Tensor) -> torch.Tensor:
     return counts
 
 
+SORTED_PREPARE = 1 << 22  # float32 tensors up to this size keep their sorted magnitudes
+
+
 def ties_prepare(deltas: torch.Tensor) -> list[torch.Tensor] | None:
-    """What a trial can reuse across values: each source's magnitude histogram (16-bit floats)."""
-    if deltas.dtype not in (torch.bfloat16, torch.float16) or deltas.device.type != "cpu":
+    """What a trial can reuse across values, so finding a threshold costs no pass over the data:
+    each source's magnitude histogram (16-bit floats), or its sorted magnitudes (float32 tensors
+    small enough that the copy is cheap)."""
+    if deltas.device.type != "cpu":
         return None
-    return _map(magnitude_histogram, list(deltas))
+    if deltas.dtype in (torch.bfloat16, torch.float16):
+        return _map(magnitude_histogram, list(deltas))
+    if deltas.dtype == torch.float32 and deltas[0].numel() <= SORTED_PREPARE:
+        return [d.abs().reshape(-1).sort().values for d in deltas]
+    return None
 
 
 @dataclass(frozen=True)
@@ -456,15 +465,20 @@ class _Trim:
     cut: int = 0
 
 
-def _plan_trim(delta: torch.Tensor, density: float, counts: torch.Tensor | None) -> _Trim:
+def _plan_trim(delta: torch.Tensor, density: float, prepared: torch.Tensor | None) -> _Trim:
+    """Which entries survive; ``prepared`` is this source's share of :func:`ties_prepare`."""
     n = delta.numel()
     if density >= 1:
         return _Trim("all")
     if density <= 0 or n == 0:
         return _Trim("none")
     k = max(1, int(density * n))
-    if delta.dtype in (torch.bfloat16, torch.float16):
-        counts = magnitude_histogram(delta) if counts is None else counts
+    if prepared is not None and prepared.dtype == torch.float32:  # sorted magnitudes, ascending
+        value = prepared[n - k]
+        n_above = n - int(torch.searchsorted(prepared, value, right=True))
+        threshold = int(value.reshape(1).view(torch.int32))
+    elif delta.dtype in (torch.bfloat16, torch.float16):
+        counts = magnitude_histogram(delta) if prepared is None else prepared
         at_or_above = torch.cumsum(counts.flip(0), 0)
         position = int(torch.searchsorted(at_or_above, torch.tensor(k)))
         n_above = int(at_or_above[position - 1]) if position else 0
@@ -500,9 +514,10 @@ def _nth_true(mask: torch.Tensor, n: int) -> int:
     raise AssertionError("fewer True entries than counted")
 
 
-def _map(fn: Callable, items: list) -> list:
-    """``[fn(x) for x in items]``, on chunk_threads' threads when inside it."""
-    if _POOL is None or len(items) < 2:
+def _map(fn: Callable, items: list, parallel: bool = True) -> list:
+    """``[fn(x) for x in items]``, on chunk_threads' threads when inside it (and ``parallel``:
+    handing small work to a thread costs more than doing it)."""
+    if _POOL is None or len(items) < 2 or not parallel:
         return [fn(x) for x in items]
     grad = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
 
@@ -588,7 +603,7 @@ def _ties_chunked(deltas: torch.Tensor, weight: Floats, density: Floats, *, norm
     n = deltas.shape[0]
     flat = deltas.reshape(n, -1)
     trims = _map(lambda i: _plan_trim(flat[i], density[i], prepared[i] if prepared else None),
-                 list(range(n)))
+                 list(range(n)), parallel=flat.shape[1] >= CHUNK)
     weights = _column(weight, flat)
     result = torch.empty(deltas.shape[1:], dtype=deltas.dtype) if out is None else out
     result_flat, base_flat = result.view(-1), None if base is None else base.reshape(-1)
