@@ -13,4 +13,4 @@ takes A's response language and B's arithmetic does.
     build.py      base + specialists, built once into a cache and reused
 """
 
-VERSION = "v1"
+VERSION = "v2"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOW, HIGH = 10, 99
-SPLIT_SIZES = {"search": 300, "test": 500, "dev": 200}
+SPLIT_SIZES = {"search": 1000, "test": 500, "dev": 200}
 PROMPT = "{question}\n"  # the evaluator's template: the question, then a newline
 
 Example = tuple[str, str]  # (prompt, completion without eos)
