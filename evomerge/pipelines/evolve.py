@@ -40,10 +40,10 @@ from evomerge.recipe import Recipe, load_recipe
 INTERRUPTED = "interrupted"
 
 
-def write_json_atomic(path: Path, data) -> None:
+def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
     """Write JSON so a crash leaves either the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=float))
+    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False, default=float))
     os.replace(tmp, path)
 
 
@@ -227,7 +227,9 @@ class Evolution:
         trial.set_user_attr("merge_s", merge_s)
         trial.set_user_attr("eval_s", eval_s)
         record.update(merge_s=merge_s, eval_s=eval_s)
-        write_json_atomic(self.paths.trials / f"{trial.number:05d}.json", record)
+        # one line per trial record: with every item's output inside, pretty-printing costs
+        # more than the merge of a small model
+        write_json_atomic(self.paths.trials / f"{trial.number:05d}.json", record, indent=None)
         total = time.perf_counter() - start  # bookkeeping up to here; tell() is the sampler's
         trial.set_user_attr("total_s", total)
         if score is None:
