@@ -26,6 +26,16 @@ from tests.tiny import VLM_TEXT_VOCAB, make_vlm_family
 V = VLM_TEXT_VOCAB
 
 
+def merged_and_sources(out: Path, paths: dict[str, Path], kind: str):
+    """The merged VLM's tensors and its sources', after checking keys and the kept vision parts."""
+    merged = raw_vlm(out)
+    vlm, base, text = raw_vlm(paths["vlm"]), load_file(paths["base"] / "model.safetensors"), \
+        load_file(paths["text"] / "model.safetensors")
+    assert set(merged) == set(vlm)
+    assert_vision_kept(merged, vlm, kind)
+    return merged, vlm, base, text
+
+
 def write_recipe(tmp: Path, paths: dict[str, Path], merge: dict, **extra) -> Path:
     recipe = {"name": "vlm-test", "modality": "vlm", "base": str(paths["base"]),
               "models": [{"model": str(paths["vlm"]), "name": "vlm"},
@@ -76,11 +86,7 @@ def test_llava_task_arithmetic(tmp_path: Path, layout: str) -> None:
     out = merge_to_folder(session, tmp_path / "out", show_progress=False)
 
     merged_model = reload_and_generate(out)
-    merged = raw_vlm(out)
-    vlm, base, text = raw_vlm(paths["vlm"]), load_file(paths["base"] / "model.safetensors"), \
-        load_file(paths["text"] / "model.safetensors")
-    assert set(merged) == set(vlm)
-    assert_vision_kept(merged, vlm, "llava")
+    merged, vlm, base, text = merged_and_sources(out, paths, "llava")
 
     def expected(vlm_t: torch.Tensor, base_t: torch.Tensor, text_t: torch.Tensor) -> torch.Tensor:
         return base_t + w_vlm * (vlm_t - base_t) + w_text * (text_t - base_t)
@@ -129,11 +135,7 @@ def test_llava_next_ties_via_cli(tmp_path: Path, layout: str) -> None:
     out = tmp_path / "out"
 
     reload_and_generate(out)
-    merged = raw_vlm(out)
-    vlm, base, text = raw_vlm(paths["vlm"]), load_file(paths["base"] / "model.safetensors"), \
-        load_file(paths["text"] / "model.safetensors")
-    assert set(merged) == set(vlm)
-    assert_vision_kept(merged, vlm, "llava_next")
+    merged, vlm, base, text = merged_and_sources(out, paths, "llava_next")
 
     def expected(vlm_t: torch.Tensor, base_t: torch.Tensor, text_t: torch.Tensor) -> torch.Tensor:
         return reference.ties(base_t, [vlm_t, text_t], weights, [density] * 2).float()
