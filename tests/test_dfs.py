@@ -28,17 +28,14 @@ IDS = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 30, 11, 4], [1, 8, 8, 2, 40, 41, 6, 
 
 
 def make_pair(root: Path, arch: str, *, layers_a: int = 3, layers_b: int = 2, seed: int = 0) -> dict[str, Path]:
-    """Two models of one family (B with its own depth). Embeddings are scaled to std 1 so the
-    residual stream has the size it has in real LLMs after their first layer: the fold is exact
-    up to the RMSNorm eps, whose relative weight is eps / mean(x^2) (about 1e-6 here, 2.5e-3 with
-    the default init's std 0.02 streams)."""
+    """Two models of one family (B with its own depth), default init: small residual streams,
+    where the RMSNorm eps weighs most. The path model evaluates the folded form, so the export
+    matches it whatever eps weighs."""
     torch.manual_seed(seed)
     out = {}
     for name, n, s in (("a", layers_a, seed + 1), ("b", layers_b, seed + 2)):
         model = AutoModelForCausalLM.from_config(llama_config(arch, layers=n))
         perturbed(model, s)
-        with torch.no_grad():
-            model.get_input_embeddings().weight.mul_(50)
         model.save_pretrained(root / name)
         tiny_tokenizer().save_pretrained(root / name)
         out[name] = root / name

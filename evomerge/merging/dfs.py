@@ -26,7 +26,9 @@ ends, so the mean path is A itself. Scale bounds default to [0.5, 1.5]: centre 1
 Evaluation (:class:`PathModel`) runs A's model object with its decoder layer list replaced by the
 path: shallow copies of the resident layers (parameters shared, nothing copied) whose attention
 modules carry their own ``layer_idx`` (the path position), so a repeated layer gets its own KV-cache
-entry; the scale is a forward pre-hook on the copy.
+entry. Where the export folds the scales (below), the copies compute the folded form too (hooks
+divide o_proj/down_proj outputs by P_k), so the model scored is the model exported, eps included;
+elsewhere the scale is a forward pre-hook on the copy's input, as the paper writes it.
 
 Export (:func:`write_path_model`) materialises the path as a stock checkpoint with
 ``num_hidden_layers`` = path length. For pre-norm RMSNorm decoders (Llama, Mistral, Qwen2/3) the
@@ -200,6 +202,10 @@ def _scale_input(scale: float, module: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
+def _scale_output(scale: float, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output * scale
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The module holding ``layers`` (``model.model`` for Llama-style causal LMs)."""
     inner = getattr(model, "model", None)
@@ -212,8 +218,8 @@ def decoder_of(model: nn.Module) -> nn.Module:
 class PathModel:
     """A's causal LM whose layer list is swapped for a path through A's and B's resident layers."""
 
-    def __init__(self, model_a: nn.Module, model_b: nn.Module, space: DFSSpace):
-        self.model, self.model_b, self.space = model_a, model_b, space
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, space: DFSSpace, fold: str = "auto"):
+        self.model, self.model_b, self.space, self.fold = model_a, model_b, space, fold
         self.decoder = decoder_of(model_a)
         self.layers: list[nn.Module] = list(self.decoder.layers) + list(decoder_of(model_b).layers)
         config = model_a.config
@@ -222,11 +228,21 @@ class PathModel:
         self.layer_types = (list(types_a) + list(types_b)) if types_a and types_b else None
         self.path: LayerPath | None = None
 
+    def folds(self, path: LayerPath) -> bool:
+        """Whether the export of ``path`` folds its scales (and so the evaluation does too)."""
+        problem = fold_problem(getattr(self.model.config, "model_type", None), path, self.layers[0])
+        return problem is None and self.fold != "never"
+
     def set_path(self, path: LayerPath) -> nn.Module:
         slots = []
-        for k, (src, scale) in enumerate(zip(path.layers, path.scales, strict=True)):
+        folding = self.folds(path)
+        for k, (src, scale, total) in enumerate(zip(path.layers, path.scales, cumulative_scales(path),
+                                                    strict=True)):
             layer = reindexed(self.layers[src], k)
-            if scale != 1.0:
+            if folding and total != 1.0:
+                for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    proj.register_forward_hook(partial(_scale_output, 1.0 / total))
+            elif not folding and scale != 1.0:
                 layer.register_forward_pre_hook(partial(_scale_input, scale), with_kwargs=True)
             slots.append(layer)
         self.decoder.layers = nn.ModuleList(slots)
@@ -483,7 +499,7 @@ class DFSCandidates:
         model_a, model_b = load(self.folder_a), load(self.folder_b)
         self.space = DFSSpace(len(decoder_of(model_a).layers), len(decoder_of(model_b).layers),
                               spec.repeats, spec.scales, spec.scale_bounds, spec.indicator_margin)
-        self.paths = PathModel(model_a, model_b, self.space)
+        self.paths = PathModel(model_a, model_b, self.space, fold=spec.fold)
         self.tokenizer_source: Path = self.folder_a
         self.paths.set_path(self.space.path(list(range(self.space.n_a))))
 
@@ -515,8 +531,7 @@ class DFSCandidates:
     def export(self, values: dict[str, float], out_dir: Path, *, extra_card: str = "",
                show_progress: bool = True, force: bool = True) -> Path:
         path = self.space.decode(values)
-        folded = self.spec.fold != "never" and fold_problem(
-            getattr(self.paths.model.config, "model_type", None), path, self.paths.layers[0]) is None
+        folded = self.paths.folds(path)
         sources = {"a": _ref_label(self.spec.model_a, self.folder_a), "b": _ref_label(self.spec.model_b, self.folder_b)}
         card = path_card(self.recipe, self.space, path, values, sources, folded=folded, extra=extra_card)
         return write_path_model(self.paths, path, self.folder_a, Path(out_dir), fold=self.spec.fold,
