@@ -59,7 +59,6 @@ class SearchSpec(BaseModel):
     sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
     trials: int = 100
     popsize: int | None = None
-    sigma: float = 1 / 6
     separable: bool = False
 
 

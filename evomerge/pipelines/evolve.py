@@ -67,11 +67,21 @@ class RunPaths:
     def baselines(self) -> Path:
         return self.root / "baselines.json"
 
-    def storage_url(self) -> str:
+    @property
+    def info(self) -> Path:
+        return self.root / "run.json"  # the storage URL the run used
+
+    def default_storage(self) -> str:
         return f"sqlite:///{(self.root / 'study.db').resolve()}"
 
+    def storage(self) -> str:
+        """The storage a run recorded (``--storage``), else the run folder's SQLite file."""
+        if self.info.exists():
+            return json.loads(self.info.read_text())["storage"]
+        return self.default_storage()
 
-def make_sampler(recipe: Recipe, kind: str, n_values: int) -> optuna.samplers.BaseSampler:
+
+def make_sampler(recipe: Recipe, kind: str) -> optuna.samplers.BaseSampler:
     """CMA-ES as in the paper (Optuna's defaults: mean at the box centre, sigma 1/6, population
     4 + floor(3 ln n)); random and TPE for comparison."""
     seed = recipe.seed
@@ -169,8 +179,8 @@ class Evolution:
             raise EvomergeError(f"{recipe_path}: field merge.search: empty; name the values to search, e.g. weight: [0, 1]")
         self._claim_run_dir(Path(recipe_path))
         self.sampler_kind = sampler or self.recipe.search.sampler
-        self.storage = storage or self.paths.storage_url()
-        write_json_atomic(self.paths.root / "run.json", {"storage": self.storage, "study": self.recipe.name})
+        self.storage = storage or self.paths.default_storage()
+        write_json_atomic(self.paths.info, {"storage": self.storage, "study": self.recipe.name})
         self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.candidates.tokenizer_source)
         if hasattr(self.evaluator, "set_run_dir"):  # evaluators that write files (image grids)
             self.evaluator.set_run_dir(self.paths.root)
@@ -189,10 +199,9 @@ class Evolution:
 
     def study(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        n = len(self.candidates.space)
         return optuna.create_study(
             study_name=self.recipe.name, storage=open_storage(self.storage), direction="maximize",
-            sampler=make_sampler(self.recipe, self.sampler_kind, n), load_if_exists=True)
+            sampler=make_sampler(self.recipe, self.sampler_kind), load_if_exists=True)
 
     # -- one trial ----------------------------------------------------------------------------
 

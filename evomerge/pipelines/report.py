@@ -19,14 +19,8 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from evomerge.errors import EvomergeError  # noqa: E402
+from evomerge.pipelines.evolve import RunPaths  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
-
-
-def run_storage(run_dir: Path) -> str:
-    info = run_dir / "run.json"
-    if info.exists():
-        return json.loads(info.read_text())["storage"]
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
 def load_run(run_dir: Path):
@@ -35,7 +29,7 @@ def load_run(run_dir: Path):
     recipe = load_recipe(run_dir / "recipe.yaml")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=recipe.name, storage=run_storage(run_dir))
+        study = optuna.load_study(study_name=recipe.name, storage=RunPaths(run_dir).storage())
     except KeyError:
         raise EvomergeError(f"{run_dir}: the study {recipe.name!r} is not in its storage") from None
     return recipe, study
@@ -103,7 +97,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     fig.savefig(out / "values.png", dpi=120)
     plt.close(fig)
 
-    storage = run_storage(run_dir)
+    storage = RunPaths(run_dir).storage()
     table = [("model", "score")] + [(f"baseline: {n}", f"{b['score']:.4f}") for n, b in baselines.items()]
     table.append((f"evolved (trial {bt.number})", f"{bt.value:.4f}"))
     failed = sum(1 for t in trials if t.state == TrialState.FAIL)
