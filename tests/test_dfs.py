@@ -254,3 +254,15 @@ def test_incompatible_models_are_refused(tmp_path):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "narrow")
     with pytest.raises(EvomergeError, match="hidden_size"):
         DFSCandidates(dfs_recipe({"a": a, "b": tmp_path / "narrow"}))
+
+
+def test_pickle_checkpoints_refused_unless_allowed(tmp_path):
+    from safetensors.torch import load_file
+
+    pair = make_pair(tmp_path, "llama")
+    weights = pair["b"] / "model.safetensors"
+    torch.save(load_file(weights), pair["b"] / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(EvomergeError, match="--allow-pickle"):
+        DFSCandidates(dfs_recipe(pair))
+    assert len(DFSCandidates(dfs_recipe(pair), allow_pickle=True).space) > 0

@@ -62,7 +62,7 @@ import yaml
 from torch import nn
 
 from evomerge import __version__
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.recipe import DFSSpec, PSRef, Recipe
 
 # Families whose decoder layer is  x + o_proj(attn(RMSNorm(x))), then + down_proj(mlp(RMSNorm(.))):
@@ -467,8 +467,8 @@ def check_same_family(config_a: dict, config_b: dict) -> None:
 # Candidates for the evolve loop
 # --------------------------------------------------------------------------------------------
 
-def _stored_dtype(folder: Path) -> torch.dtype:
-    cfg = json.loads((folder / "config.json").read_text())
+def _config_dtype(cfg: dict) -> torch.dtype:
+    """The dtype a model's config.json records (float32 when it records none)."""
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
 
@@ -490,10 +490,15 @@ class DFSCandidates:
         self.folder_b = resolve_model(spec.model_b, **opts)
         cfg_a, cfg_b = (json.loads((f / "config.json").read_text()) for f in (self.folder_a, self.folder_b))
         check_same_family(cfg_a, cfg_b)
-        self.dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(self.folder_a)
+        self.dtype = parse_dtype(recipe.dtype) if recipe.dtype else _config_dtype(cfg_a)
 
         def load(folder: Path) -> nn.Module:
-            m = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, trust_remote_code=trust_remote_code)
+            try:  # safetensors only, unless the user allowed pickle checkpoints
+                m = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=None if allow_pickle else True)
+            except OSError as e:
+                raise EvomergeError(f"dfs: model {folder}: cannot load ({describe(e)}); convert pickle "
+                                    "checkpoints to safetensors, or pass --allow-pickle if you trust them") from None
             return m.to(device).eval()
 
         model_a, model_b = load(self.folder_a), load(self.folder_b)
