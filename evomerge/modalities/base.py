@@ -28,34 +28,43 @@ from evomerge.checkpoint import (
     load_pickle_state_dict,
     read_tensor,
 )
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 
 # Files worth fetching from the Hub for a model folder (weights come as safetensors).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
 
 
-def resolve_folder(ref: str, *, subfolder: str | None = None, allow_pickle: bool = False) -> Path:
-    """A local folder for a Hub id or a path. Hub downloads fetch safetensors only unless
-    pickle checkpoints are allowed."""
+def local_or_hub(ref: str, download: Callable[[str], Path]) -> Path:
+    """``ref`` as a local path when it exists, else ``download(ref)`` for a Hub id, with one-line
+    errors for a missing folder or a failed download."""
     path = Path(ref).expanduser()
     if path.exists():
-        if subfolder and (path / subfolder).is_dir():
-            path = path / subfolder
         return path
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise EvomergeError(f"model {ref!r}: no such folder, and not a Hub id (owner/name)")
     try:
+        return Path(download(ref))
+    except EvomergeError:
+        raise
+    except Exception as e:  # network, auth, missing repo: all the same to the user
+        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({describe(e)}); "
+                            "check the id, your network and HF_TOKEN, or pass a local folder") from None
+
+
+def resolve_folder(ref: str, *, subfolder: str | None = None, allow_pickle: bool = False) -> Path:
+    """A local folder for a Hub id or a path. Hub downloads fetch safetensors only unless
+    pickle checkpoints are allowed."""
+
+    def download(repo: str) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
         if subfolder:
             patterns = [f"{subfolder}/{p}" for p in patterns] + ["model_index.json"]
-        local = Path(snapshot_download(ref, allow_patterns=patterns))
-    except Exception as e:  # network, auth, missing repo: all the same to the user
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({type(e).__name__}: {first}); "
-                            "check the id, your network and HF_TOKEN, or pass a local folder") from None
-    return local / subfolder if subfolder and (local / subfolder).is_dir() else local
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+
+    root = local_or_hub(ref, download)
+    return root / subfolder if subfolder and (root / subfolder).is_dir() else root
 
 
 @dataclass

@@ -42,7 +42,7 @@ import torch
 
 from evomerge.checkpoint import read_safetensors_header
 from evomerge.errors import EvomergeError, describe
-from evomerge.modalities.base import TensorSource, open_checkpoint, resolve_folder
+from evomerge.modalities.base import TensorSource, local_or_hub, open_checkpoint, resolve_folder
 
 if TYPE_CHECKING:
     from evomerge.recipe import LoraSpec, SDXLSpec
@@ -95,15 +95,11 @@ def fetch(ref: str, subfolders: list[str], variant: str | None = None) -> Path:
     """A local folder for a pipeline folder or Hub id, fetching only ``subfolders`` (and
     model_index.json) from the Hub: configs, tokenizer files and safetensors weights of one
     variant (``variant`` where the folder has it, else the plain weights, else any)."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        raise EvomergeError(f"model {ref!r}: no such folder, and not a Hub id (owner/name)")
-    try:
+
+    def download(repo: str) -> Path:
         from huggingface_hub import list_repo_files, snapshot_download
 
-        files = list_repo_files(ref)
+        files = list_repo_files(repo)
         wanted = ["model_index.json"]
         for sub in subfolders:
             inside = [f for f in files if f.startswith(f"{sub}/") and f.count("/") == 1]
@@ -115,11 +111,9 @@ def fetch(ref: str, subfolders: list[str], variant: str | None = None) -> Path:
             wanted += [f for f in inside if not f.endswith((".safetensors", ".bin", ".onnx", ".msgpack", ".ckpt",
                                                              ".onnx_data", ".pb", ".h5"))]
             wanted += by_variant.get(pick, [])
-        return Path(snapshot_download(ref, allow_patterns=wanted))
-    except EvomergeError:
-        raise
-    except Exception as e:  # network, auth, missing repo: all the same to the user
-        raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({describe(e)})") from None
+        return Path(snapshot_download(repo, allow_patterns=wanted))
+
+    return local_or_hub(ref, download)
 
 
 def _folder_variant(folder: Path, variant: str | None) -> str | None:
