@@ -110,7 +110,7 @@ def evolve(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="evomerge recipe with merge.search and evaluator")],
     trials: Annotated[int | None, typer.Option(help="total finished trials to reach (resumes)")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in the run folder)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage: a database URL, or journal:PATH (default: SQLite in the run folder)")] = None,
     sampler: Annotated[str | None, typer.Option(help="cmaes (default), random or tpe")] = None,
     export_best: Annotated[bool, typer.Option("--export-best", help="write the best model to RUN/best")] = False,
     device: Device = "",

@@ -204,3 +204,16 @@ def test_plan_reads_configs_only(tmp_path):
     params = plan["parameters"]
     assert plan["resident_model_gb"] == pytest.approx(params * 2 / 2**30, abs=1e-3)
     assert plan["trial_cache_gb"] == pytest.approx(params * 2 * 3 / 2**30, abs=1e-3)
+
+
+def test_journal_storage_resumes_and_reports(llama_fp32, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    recipe = write_recipe(tmp_path / "r.yaml", llama_fp32, name="journal", evaluator=PY_EVAL)
+    run, storage = tmp_path / "run", f"journal:{tmp_path / 'run' / 'study.journal'}"
+    first = Evolution(recipe, run_dir=run, storage=storage).run(3, show_progress=False)
+    again = Evolution(recipe, run_dir=run, storage=storage).run(5, show_progress=False)
+    assert (run / "study.journal").exists() and not (run / "study.db").exists()
+    assert [t.number for t in first.timings] == [0, 1, 2] and [t.number for t in again.timings] == [3, 4]
+    from evomerge.pipelines.report import write_report
+
+    assert write_report(run)["storage"] == str(run / "study.journal")

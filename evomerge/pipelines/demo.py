@@ -68,7 +68,10 @@ def run_demo(seed: int = 0, run_dir: Path = Path("runs/miniworld"), cache_dir: P
     recipe_path.write_text(text)
 
     t_search = time.perf_counter()
-    evo = Evolution(recipe_path, run_dir=run_dir, device="cpu", console=console)
+    # a journal file, not SQLite: a mini-world trial is a fraction of a second, and SQLite's
+    # per-value transactions would be a large share of it
+    storage = f"journal:{(run_dir / 'study.journal').resolve()}"
+    evo = Evolution(recipe_path, run_dir=run_dir, storage=storage, device="cpu", console=console)
     outcome = evo.run(trials, show_progress=show_progress)
     search_s = time.perf_counter() - t_search
     if not outcome.best_values:

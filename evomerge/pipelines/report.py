@@ -19,7 +19,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from evomerge.errors import EvomergeError  # noqa: E402
-from evomerge.pipelines.evolve import RunPaths  # noqa: E402
+from evomerge.pipelines.evolve import RunPaths, open_storage  # noqa: E402
 from evomerge.recipe import load_recipe  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def load_run(run_dir: Path):
     recipe = load_recipe(run_dir / "recipe.yaml")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=recipe.name, storage=RunPaths(run_dir).storage())
+        study = optuna.load_study(study_name=recipe.name, storage=open_storage(RunPaths(run_dir).storage()))
     except KeyError:
         raise EvomergeError(f"{run_dir}: the study {recipe.name!r} is not in its storage") from None
     return recipe, study
@@ -97,7 +97,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     fig.savefig(out / "values.png", dpi=120)
     plt.close(fig)
 
-    storage = RunPaths(run_dir).storage()
+    storage = RunPaths(run_dir).storage().removeprefix("journal:")  # optuna-dashboard takes a journal's path
     table = [("model", "score")] + [(f"baseline: {n}", f"{b['score']:.4f}") for n, b in baselines.items()]
     table.append((f"evolved (trial {bt.number})", f"{bt.value:.4f}"))
     failed = sum(1 for t in trials if t.state == TrialState.FAIL)
