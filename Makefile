@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench lint setup clean
 
-$(STAMP): pyproject.toml
+KERNELS := setup.py evomerge/merging/_kernels.c evomerge/merging/_kernels_body.h
+
+$(STAMP): pyproject.toml $(KERNELS)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 
 import torch
 
@@ -173,6 +175,50 @@ class ShardedSafetensorsWriter:
         missing = set(self.where) - self.written
         if missing:
             raise EvomergeError(f"output incomplete: {len(missing)} tensors never written, e.g. {min(missing)}")
+
+
+class WriteBehind:
+    """Writes tensors on a background thread (``pwrite`` releases the GIL), so the next tensor
+    is merged while this one goes to disk; writing into fresh page-cache pages costs about as
+    much as the merge itself. One tensor waits at most: a caller that reuses buffers from
+    tensor to tensor must rotate :attr:`BUFFERS` of them (one written, one waiting, one filled).
+
+        with WriteBehind(writer) as out:
+            out.write(name, tensor)   # returns once the tensor is queued
+    """
+
+    BUFFERS = 3
+
+    def __init__(self, writer: ShardedSafetensorsWriter):
+        self.writer = writer
+        self._queue: Queue = Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="evomerge-writer", daemon=True)
+
+    def __enter__(self) -> WriteBehind:
+        self._thread.start()
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((name, tensor))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # reported to the caller on its next write or at exit
+                    self._error = e
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None:
+            if self._error is not None:
+                raise self._error
+            self.writer.close()
 
 
 def iter_files(folder: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:

@@ -17,8 +17,10 @@ import torch
 
 from evomerge.checkpoint import read_tensor
 from evomerge.errors import EvomergeError
-from evomerge.merging.methods import MergeMethod, chunk_threads, rng_for
+from evomerge.merging import kernels
+from evomerge.merging.methods import MergeMethod, rng_for, subtract_base_
 from evomerge.merging.space import ValueTable
+from evomerge.merging.threads import chunk_threads, parallel_map
 from evomerge.modalities.base import TensorSource
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -41,6 +43,9 @@ class Job:
     depth: float  # 0..1, for values interpolated over depth
     merge: bool
     rows: int | None  # vocab tensors of different sizes: the shared leading rows that merge
+
+
+PARALLEL_READ_BYTES = 1 << 20  # smaller reads cost less than handing them to a thread
 
 
 class BufferPool:
@@ -77,6 +82,8 @@ class MergeEngine:
         self.method, self.dtype, self.device, self.seed = method, dtype, device, seed
         self.options = {"tie_order": tie_order} if method.name == "ties" else (
             {"rescale": rescale} if method.needs_rng else {})
+        if torch.device(device).type == "cpu":
+            kernels.warn_if_missing()
         self.jobs = self._plan()
         # trial path: name -> (base, deltas or models, what method.prepare made of them)
         self._cache: dict[str, tuple[torch.Tensor | None, torch.Tensor, object]] = {}
@@ -142,13 +149,16 @@ class MergeEngine:
             stacked = pool.get("stacked", (n, *shape), self.dtype)
         else:
             stacked = torch.empty((n, *shape), dtype=self.dtype)
-        for i, src in enumerate(self.sources):
-            self._read_into(src, job, stacked[i])
-        if not self.method.on_deltas:
-            return None, stacked
-        base = pool.get("base", shape, self.dtype) if pool is not None else torch.empty(shape, dtype=self.dtype)
-        self._read_into(self.base, job, base)
-        stacked -= base
+        reads = [(src, stacked[i]) for i, src in enumerate(self.sources)]
+        base = None
+        if self.method.on_deltas:
+            base = pool.get("base", shape, self.dtype) if pool is not None else torch.empty(shape, dtype=self.dtype)
+            reads.append((self.base, base))
+        # one thread per file read: copying out of the page cache is most of a read's cost
+        parallel_map(lambda read: self._read_into(read[0], job, read[1]), reads,
+                     parallel=stacked.nbytes >= PARALLEL_READ_BYTES)
+        if base is not None:
+            subtract_base_(stacked, base)
         return base, stacked
 
     def _read_into(self, src: TensorSource, job: Job, dest: torch.Tensor) -> None:
@@ -214,26 +224,26 @@ class MergeEngine:
                 if progress:
                     progress(job)
 
-    def iter_merged(self, table: ValueTable, reuse_buffers: bool = False
+    def iter_merged(self, table: ValueTable, reuse_buffers: int = 0
                     ) -> Iterator[tuple[Job, torch.Tensor]]:
         """Export path: each output tensor in turn, merged (or kept), full shape.
 
-        With ``reuse_buffers`` a yielded tensor is only valid until the next one is asked for
-        (write it out first): the same memory then holds the next tensor.
+        With ``reuse_buffers=K`` merged tensors are written into K buffers in turn, so a
+        yielded tensor stays valid only until K more have been asked for (write it out first).
         """
         pool = None
         if reuse_buffers and torch.device(self.device).type == "cpu":
             sizes = [math.prod(self._shape(j)) for j in self.jobs if j.merge]
             pool = BufferPool(max(sizes, default=0))
         with torch.no_grad(), chunk_threads():
-            for job in self.jobs:
+            for i, job in enumerate(self.jobs):
                 if not job.merge:
                     yield job, self.reference.read(job.name)
                     continue
                 base, stacked = self._read_inputs(job, pool)
                 out = None
                 if pool is not None and self.method.writes_out:
-                    out = pool.get("out", self._shape(job), self.dtype)
+                    out = pool.get(f"out{i % reuse_buffers}", self._shape(job), self.dtype)
                 merged = self._merge(job, base, stacked, table, out=out)
                 if job.rows is not None:
                     full = self.reference.read(job.name, self.dtype)

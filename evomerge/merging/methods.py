@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merging import kernels
+from evomerge.merging.threads import CHUNK, for_chunks, parallel_map, thread_count
 
 Floats = Sequence[float]
 
@@ -265,9 +265,9 @@ def ties(deltas: torch.Tensor, weight: Floats, density: Floats | None = None, *,
     """
     density = density or [1.0] * len(deltas)
     lam = shared.get("lambda", 1.0)
-    if tie_order == "index" and deltas.dtype in _INT_VIEW and deltas.device.type == "cpu":
-        return _ties_chunked(deltas, weight, density, normalize=normalize, lam=lam,
-                             prepared=prepared, base=base, out=out)
+    if tie_order == "index" and kernels.supports(deltas, len(deltas)):
+        return _ties_fused(deltas, weight, density, normalize=normalize, lam=lam,
+                           prepared=prepared, base=base, out=out)
     trimmed = torch.stack([magnitude_trim(d, p, tie_order) for d, p in zip(deltas, density, strict=True)])
     mixed = _combine(trimmed, weight, consensus=True, normalize=normalize, lam=lam)
     result = mixed if base is None else base + mixed
@@ -316,6 +316,10 @@ def linear(tensors: torch.Tensor, weight: Floats, *, normalize: bool = True,
     flat = tensors.reshape(len(tensors), -1)
     result = torch.empty(tensors.shape[1:], dtype=tensors.dtype, device=tensors.device) if out is None else out
     result_flat, total = result.view(-1), w.sum()
+    if kernels.supports(tensors, len(tensors)):
+        for_chunks(flat.shape[1], _no_state, lambda start, end, _: kernels.linear(
+            flat, result_flat, start, end, w, normalize, float(total)))
+        return result
     width = min(CHUNK, flat.shape[1])
 
     def accumulator(_worker: int) -> torch.Tensor:
@@ -356,264 +360,102 @@ def slerp(tensors: torch.Tensor, *, t: float, dot_threshold: float = 0.9995,
     return (ca * a + cb * b).to(tensors.dtype)
 
 
-# --- TIES, chunked -----------------------------------------------------------------------------
+def _no_state(_worker: int) -> None:
+    return None
+
+
+# --- TIES, fused --------------------------------------------------------------------------------
 #
-# The straightforward TIES (trim each source, stack, weight, elect, average) makes a dozen
-# full-size temporaries per tensor; on a CPU each is a trip through main memory plus page
-# faults on fresh allocations. The chunked version below runs the *same* torch ops, in the same
-# order and dtype, on column slices small enough to stay in cache, into buffers allocated once.
-# Every op is elementwise or a reduction over the source axis only, so slicing the columns
-# cannot change a single result bit.
+# The same TIES as above, in one pass per element (kernels.ties) instead of a dozen full-size
+# torch ops: the threshold of every source is found first (a magnitude histogram or sorted
+# magnitudes, reused across trials via ties_prepare), then each column chunk is merged.
 
-CHUNK = 1 << 18  # columns per step: sources x CHUNK x 2 bytes stays in L2/L3
-
-
-_INT_VIEW = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
-             torch.float32: (torch.int32, 0x7FFFFFFF)}
-_POOL: ThreadPoolExecutor | None = None  # set inside chunk_threads()
-_POOL_SIZE = 1
-
-
-@contextmanager
-def chunk_threads():
-    """Within this block torch runs single-threaded and chunk loops get the threads instead.
-
-    Why: torch's own threads meet at a barrier after every op, and on a busy machine one
-    descheduled thread stalls each small op (measured 100x slower on 2 shared cores).
-    Chunks are independent, so Python threads that each own whole chunks never wait on one
-    another (torch releases the GIL inside ops). Entered once per merge: switching torch's
-    thread count costs milliseconds.
-    """
-    global _POOL, _POOL_SIZE
-    if _POOL is not None:  # nested: already set up
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    _POOL_SIZE = before
-    try:
-        with ThreadPoolExecutor(before) as pool:
-            _POOL = pool
-            yield
-    finally:
-        _POOL, _POOL_SIZE = None, 1
-        torch.set_num_threads(before)
-
-
-def for_chunks(n_cols: int, make_state: Callable[[int], object],
-               work: Callable[[int, int, object], None]) -> None:
-    """Call ``work(start, end, state)`` for every CHUNK of columns; inside
-    :func:`chunk_threads` the chunks are spread over its threads, each with its own ``state``."""
-    starts = list(range(0, n_cols, CHUNK))
-    threads = min(_POOL_SIZE, len(starts)) if _POOL is not None else 1
-
-    grad = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
-
-    def run(worker: int, mine: list[int]) -> None:
-        with torch.set_grad_enabled(grad):
-            state = make_state(worker)
-            for start in mine:
-                work(start, min(start + CHUNK, n_cols), state)
-
-    if threads <= 1:
-        run(0, starts)
-        return
-    for f in [_POOL.submit(run, i, starts[i::threads]) for i in range(threads)]:
-        f.result()
-
-
-def magnitude_bits(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """|x| as integers (sign bit cleared): non-negative floats order like their bit patterns."""
-    ints, mask = _INT_VIEW[x.dtype]
-    return torch.bitwise_and(x.view(ints), mask, out=out)
-
-
-def magnitude_histogram(x: torch.Tensor) -> torch.Tensor:
-    """Counts of every 16-bit magnitude pattern of a bf16/fp16 tensor (32768 bins), chunked."""
-    flat = x.reshape(-1)
-    counts = torch.zeros(1 << 15, dtype=torch.int64, device=x.device)
-    bits = torch.empty(min(flat.numel(), 4 * CHUNK), dtype=torch.int16, device=x.device)
-    for start in range(0, flat.numel(), bits.numel()):
-        part = flat[start:start + bits.numel()]
-        counts += torch.bincount(magnitude_bits(part, out=bits[: part.numel()]), minlength=1 << 15)
-    return counts
-
-
+_MAGNITUDE_MASK = {torch.bfloat16: 0x7FFF, torch.float16: 0x7FFF, torch.float32: 0x7FFFFFFF}
 SORTED_PREPARE = 1 << 22  # float32 tensors up to this size keep their sorted magnitudes
 
 
 def ties_prepare(deltas: torch.Tensor) -> list[torch.Tensor] | None:
     """What a trial can reuse across values, so finding a threshold costs no pass over the data:
-    each source's magnitude histogram (16-bit floats), or its sorted magnitudes (float32 tensors
-    small enough that the copy is cheap)."""
-    if deltas.device.type != "cpu":
+    each source's magnitude histogram in cumulative form (16-bit floats), or its sorted
+    magnitudes (float32 tensors small enough that the copy is cheap)."""
+    if not kernels.supports(deltas, len(deltas)):
         return None
     if deltas.dtype in (torch.bfloat16, torch.float16):
-        return _map(magnitude_histogram, list(deltas))
+        return _at_or_above(magnitude_histograms(deltas))
     if deltas.dtype == torch.float32 and deltas[0].numel() <= SORTED_PREPARE:
         return [d.abs().reshape(-1).sort().values for d in deltas]
     return None
 
 
-@dataclass(frozen=True)
-class _Trim:
-    """Which entries of one source survive the trim: all, none, or magnitude bits above
-    ``threshold`` plus those equal to it at flat index below ``cut`` (ties, lowest index first)."""
+def magnitude_histograms(deltas: torch.Tensor) -> list[torch.Tensor]:
+    """Each source's 16-bit magnitude histogram; every source is split into one piece per
+    thread, so three sources on two threads keep both busy."""
+    flat = deltas.reshape(len(deltas), -1)
+    pieces = thread_count() if flat.shape[1] >= CHUNK else 1
+    step = -(-flat.shape[1] // pieces)
+    counts = torch.zeros(len(flat), pieces, 1 << 15, dtype=torch.int64)
+    tasks = [(i, p) for i in range(len(flat)) for p in range(pieces)]
+    parallel_map(lambda t: kernels.histogram16(flat[t[0], t[1] * step:(t[1] + 1) * step],
+                                               counts[t[0], t[1]]), tasks)
+    return list(counts.sum(1))
 
-    mode: str  # "all" | "none" | "top"
-    threshold: int = 0
-    cut: int = 0
+
+def _at_or_above(histograms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per source, how many entries have magnitude bits at or above each pattern, counted from
+    the largest pattern down (what a threshold search needs, ready for searchsorted)."""
+    return [torch.cumsum(counts.flip(0), 0) for counts in histograms]
 
 
-def _plan_trim(delta: torch.Tensor, density: float, prepared: torch.Tensor | None) -> _Trim:
-    """Which entries survive; ``prepared`` is this source's share of :func:`ties_prepare`."""
-    n = delta.numel()
+def _plan_trim(delta: torch.Tensor, density: float, prepared: torch.Tensor | None) -> tuple[int, int]:
+    """Which entries of one source survive the trim, as ``(threshold, cut)``: those whose
+    magnitude bits exceed ``threshold``, and those equal to it at flat index below ``cut``
+    (ties, lowest index first). ``prepared`` is this source's share of :func:`ties_prepare`."""
+    n, everything = delta.numel(), _MAGNITUDE_MASK[delta.dtype]
     if density >= 1:
-        return _Trim("all")
+        return -1, 0
     if density <= 0 or n == 0:
-        return _Trim("none")
+        return everything, 0
     k = max(1, int(density * n))
+    tied = -1  # how many entries equal the threshold, where known
     if prepared is not None and prepared.dtype == torch.float32:  # sorted magnitudes, ascending
         value = prepared[n - k]
         n_above = n - int(torch.searchsorted(prepared, value, right=True))
+        tied = n - n_above - int(torch.searchsorted(prepared, value))
         threshold = int(value.reshape(1).view(torch.int32))
-    elif delta.dtype in (torch.bfloat16, torch.float16):
-        counts = magnitude_histogram(delta) if prepared is None else prepared
-        at_or_above = torch.cumsum(counts.flip(0), 0)
-        position = int(torch.searchsorted(at_or_above, torch.tensor(k)))
-        n_above = int(at_or_above[position - 1]) if position else 0
+    elif delta.dtype in (torch.bfloat16, torch.float16):  # prepared: from _at_or_above
+        position = int(torch.searchsorted(prepared, k))
+        n_above = int(prepared[position - 1]) if position else 0
+        tied = int(prepared[position]) - n_above
         threshold = (1 << 15) - 1 - position
     else:
         value, n_above = kth_largest_magnitude(delta, k)
         threshold = int(value.reshape(1).view(torch.int32))
-    return _Trim("top", threshold, _tie_cut(delta.reshape(-1), threshold, k - n_above))
+    return threshold, kernels.tie_cut(delta.reshape(-1), threshold, k - n_above, tied)
 
 
-def _tie_cut(flat: torch.Tensor, threshold: int, wanted: int) -> int:
-    """The flat index just past the ``wanted``-th entry whose magnitude bits equal ``threshold``."""
-    if wanted <= 0:
-        return 0
-    seen = 0
-    for start in range(0, flat.numel(), 4 * CHUNK):
-        equal = magnitude_bits(flat[start:start + 4 * CHUNK]) == threshold
-        count = int(torch.count_nonzero(equal))
-        if seen + count >= wanted:
-            return start + _nth_true(equal, wanted - seen) + 1
-        seen += count
-    return flat.numel()
-
-
-def _nth_true(mask: torch.Tensor, n: int) -> int:
-    """Index of the n-th (1-based) True: count pieces first, nonzero only on the one piece."""
-    piece = 1 << 14
-    for start in range(0, mask.numel(), piece):
-        count = int(torch.count_nonzero(mask[start:start + piece]))
-        if count >= n:
-            return start + int(mask[start:start + piece].nonzero()[n - 1])
-        n -= count
-    raise AssertionError("fewer True entries than counted")
-
-
-def _map(fn: Callable, items: list, parallel: bool = True) -> list:
-    """``[fn(x) for x in items]``, on chunk_threads' threads when inside it (and ``parallel``:
-    handing small work to a thread costs more than doing it)."""
-    if _POOL is None or len(items) < 2 or not parallel:
-        return [fn(x) for x in items]
-    grad = torch.is_grad_enabled()  # grad mode is per thread: carry the caller's over
-
-    def call(x):
-        with torch.set_grad_enabled(grad):
-            return fn(x)
-
-    return list(_POOL.map(call, items))
-
-
-class _TiesBuffers:
-    """Scratch for one chunk, allocated once per (sources, dtype) and reused for every tensor."""
-
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
-        ints = _INT_VIEW[dtype][0]
-        self.x = torch.empty(n, CHUNK, dtype=dtype, device=device)  # trimmed, weighted deltas
-        self.tmp = torch.empty(n, CHUNK, dtype=dtype, device=device)
-        self.agree = torch.empty(n, CHUNK, dtype=torch.bool, device=device)
-        self.bits = torch.empty(CHUNK, dtype=ints, device=device)
-        self.keep = torch.empty(CHUNK, dtype=torch.bool, device=device)
-        self.flag = torch.empty(CHUNK, dtype=torch.bool, device=device)
-        self.mixed = torch.empty(CHUNK, dtype=dtype, device=device)
-        self.divisor = torch.empty(CHUNK, dtype=dtype, device=device)
-        self.zero = torch.zeros((), dtype=dtype, device=device)
-        self.one = torch.ones((), dtype=dtype, device=device)
-        self.minus_one = -self.one
-
-
-_BUFFERS: dict[tuple, _TiesBuffers] = {}
-
-
-def _buffers(n: int, dtype: torch.dtype, device: torch.device, worker: int) -> _TiesBuffers:
-    """One set per worker thread, kept across calls (a run merges one set of models)."""
-    key = (n, dtype, str(device), worker)
-    if key not in _BUFFERS:
-        for old in [k for k in _BUFFERS if k[3] == worker]:
-            del _BUFFERS[old]
-        _BUFFERS[key] = _TiesBuffers(n, dtype, device)
-    return _BUFFERS[key]
-
-
-def _ties_chunk(chunk: torch.Tensor, start: int, trims: list[_Trim], weights: torch.Tensor,
-                b: _TiesBuffers, normalize: bool, lam: float) -> torch.Tensor:
-    """TIES on columns [start, start + width) of the flattened deltas; returns the mixed delta."""
-    width = chunk.shape[1]
-    x, tmp, agree = b.x[:, :width], b.tmp[:, :width], b.agree[:, :width]
-    keep, flag, mixed = b.keep[:width], b.flag[:width], b.mixed[:width]
-    for i, trim in enumerate(trims):
-        if trim.mode == "all":
-            x[i].copy_(chunk[i])
-        elif trim.mode == "none":
-            x[i].zero_()
-        else:
-            bits = magnitude_bits(chunk[i], out=b.bits[:width])
-            torch.gt(bits, trim.threshold, out=keep)
-            if trim.cut > start:  # ties at the threshold before the cut are kept too
-                tied = min(trim.cut - start, width)
-                torch.ge(bits[:tied], trim.threshold, out=keep[:tied])
-            torch.where(keep, chunk[i], b.zero, out=x[i])
-    x.mul_(weights)
-    # the elected sign is that of the weighted sum; x agrees when x * sign > 0 (zeros never do)
-    torch.sum(x, 0, out=mixed)
-    torch.ge(mixed, 0, out=flag)
-    torch.where(flag, b.one, b.minus_one, out=mixed)
-    torch.mul(x, mixed, out=tmp)
-    torch.gt(tmp, 0, out=agree)
-    torch.mul(x, agree, out=tmp)
-    torch.sum(tmp, 0, out=mixed)
-    if normalize:
-        divisor = b.divisor[:width]
-        torch.mul(agree, weights, out=tmp)
-        torch.sum(tmp, 0, out=divisor)
-        divisor.masked_fill_(torch.eq(divisor, 0, out=flag), 1)
-        mixed.div_(divisor)
-    if lam != 1:
-        mixed.mul_(lam)
-    return mixed
-
-
-def _ties_chunked(deltas: torch.Tensor, weight: Floats, density: Floats, *, normalize: bool,
-                  lam: float, prepared: list[torch.Tensor] | None, base: torch.Tensor | None,
-                  out: torch.Tensor | None) -> torch.Tensor:
+def _ties_fused(deltas: torch.Tensor, weight: Floats, density: Floats, *, normalize: bool,
+                lam: float, prepared: list[torch.Tensor] | None, base: torch.Tensor | None,
+                out: torch.Tensor | None) -> torch.Tensor:
     n = deltas.shape[0]
     flat = deltas.reshape(n, -1)
-    trims = _map(lambda i: _plan_trim(flat[i], density[i], prepared[i] if prepared else None),
+    if prepared is None and deltas.dtype in (torch.bfloat16, torch.float16):
+        prepared = _at_or_above(magnitude_histograms(deltas))
+    trims = parallel_map(lambda i: _plan_trim(flat[i], density[i], prepared[i] if prepared else None),
                  list(range(n)), parallel=flat.shape[1] >= CHUNK)
-    weights = _column(weight, flat)
+    thresholds = torch.tensor([t for t, _ in trims], dtype=torch.int32)
+    cuts = torch.tensor([c for _, c in trims], dtype=torch.int64)
+    weights = torch.tensor(list(weight), dtype=deltas.dtype).float()  # rounded, as torch does
     result = torch.empty(deltas.shape[1:], dtype=deltas.dtype) if out is None else out
     result_flat, base_flat = result.view(-1), None if base is None else base.reshape(-1)
-
-    def work(start: int, end: int, b: _TiesBuffers) -> None:
-        mixed = _ties_chunk(flat[:, start:end], start, trims, weights, b, normalize, lam)
-        if base_flat is None:
-            result_flat[start:end].copy_(mixed)
-        else:
-            torch.add(base_flat[start:end], mixed, out=result_flat[start:end])
-
-    for_chunks(flat.shape[1], lambda worker: _buffers(n, deltas.dtype, deltas.device, worker), work)
+    for_chunks(flat.shape[1], _no_state, lambda start, end, _: kernels.ties(
+        flat, base_flat, result_flat, start, end, thresholds, cuts, weights, normalize, lam))
     return result
+
+
+def subtract_base_(stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """In place, ``stacked[i] -= base`` for every source: the task vectors (chunks on threads)."""
+    if not kernels.supports(stacked, len(stacked)) or base.dtype != stacked.dtype:
+        return stacked.sub_(base)
+    rows, base_flat = stacked.reshape(len(stacked), -1), base.reshape(-1)
+    for_chunks(rows.shape[1], _no_state, lambda start, end, _: kernels.subtract(rows, base_flat, start, end))
+    return stacked

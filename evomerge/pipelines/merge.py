@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from evomerge import __version__
-from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter
+from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
 from evomerge.errors import EvomergeError
 from evomerge.merging.engine import MergeEngine, parse_dtype
 from evomerge.merging.methods import get_method
@@ -163,15 +163,15 @@ def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, floa
                    for j in engine.jobs]
         writer = ShardedSafetensorsWriter(tmp, planned, stem=session.adapter.weights_stem)
         groups = session.adapter.groups([j.name for j in engine.jobs])
-        with progress_bar("merging", total=len(groups), enabled=show_progress) as advance:
+        with progress_bar("merging", total=len(groups), enabled=show_progress) as advance, \
+                WriteBehind(writer) as out:
             current = None
             finish = getattr(session.adapter, "finish_tensor", None)  # e.g. a LoRA fused into the merge
-            for job, tensor in engine.iter_merged(table, reuse_buffers=True):
+            for job, tensor in engine.iter_merged(table, reuse_buffers=WriteBehind.BUFFERS):
                 if job.group != current:
                     current = job.group
                     advance(job.group)
-                writer.write(job.name, finish(job.name, tensor) if finish else tensor)
-        writer.close()
+                out.write(job.name, finish(job.name, tensor) if finish else tensor)
         session.adapter.save_extras(engine.reference, tmp, engine.dtype)
         (tmp / "README.md").write_text(model_card(session, values or {}, extra_card))
         commit_output(tmp, out_dir)

@@ -1,0 +1,153 @@
+"""Fused CPU kernels for the merge hot loop (C, in ``_kernels.c``), called through ctypes.
+
+torch runs a merge op by op, one pass over memory each; TIES takes a dozen such ops, which on a
+CPU keeps it far from the memory-bandwidth floor. These kernels do the same arithmetic in one
+pass, bit for bit (tests compare the two). They are built with the package (``setup.py``);
+where they are missing (installed from source without a C compiler) or switched off with
+``EVOMERGE_KERNELS=0``, :func:`supports` is False and the methods run their torch code, which
+gives the same bits, only slower. GPU tensors always take the torch code.
+
+Every function takes flat tensors: ``rows`` is ``(n_sources, n)`` with unit column stride (row
+``i`` at ``rows[i]``), and works on columns ``[start, end)`` so callers can split the work
+across threads (ctypes releases the GIL during the call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # as in _kernels.c
+_I32, _I64, _F32, _PTR = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("EVOMERGE_KERNELS", "1") == "0":
+        return None
+    spec = importlib.util.find_spec("evomerge.merging._kernels")
+    if spec is None or not spec.origin or not spec.origin.endswith((".so", ".pyd", ".dylib")):
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    signatures = {
+        "em_has_dtype": ([ctypes.c_int], ctypes.c_int),
+        "em_max_sources": ([], ctypes.c_int),
+        "em_histogram16": ([_PTR, _I64, _PTR], ctypes.c_int),
+        "em_tie_cut": ([ctypes.c_int, _PTR, _I64, _I32, _I64, _I64], _I64),
+        "em_sub": ([ctypes.c_int, _PTR, _I64, _I64, _PTR, _I64, _I64], ctypes.c_int),
+        "em_ties": ([ctypes.c_int, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR,
+                     _I32, _F32, _I32], ctypes.c_int),
+        "em_linear": ([ctypes.c_int, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I32, _F32],
+                      ctypes.c_int),
+    }
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
+_LIB = _load()
+_warned = False
+
+
+def warn_if_missing() -> None:
+    """Say once that CPU merges will run on the slower torch code (not when switched off)."""
+    global _warned
+    if _LIB is None and not _warned and os.environ.get("EVOMERGE_KERNELS", "1") != "0":
+        _warned = True
+        warnings.warn("evomerge's fused CPU merge kernels are not built (installing from source "
+                      "needs a C compiler): CPU merges run on torch code, with the same results "
+                      "but several times slower. Reinstall with a compiler, or set "
+                      "EVOMERGE_KERNELS=0 to silence this.", stacklevel=3)
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded (False: torch code only)."""
+    return _LIB is not None
+
+
+def supports(x: torch.Tensor, n_sources: int = 1) -> bool:
+    """Whether the kernels can merge ``x`` (a CPU tensor of a dtype they know)."""
+    return (_LIB is not None and x.device.type == "cpu" and x.dtype in _CODES
+            and bool(_LIB.em_has_dtype(_CODES[x.dtype])) and n_sources <= _LIB.em_max_sources())
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block the methods run their torch code (to compare the two paths)."""
+    global _LIB
+    saved, _LIB = _LIB, None
+    try:
+        yield
+    finally:
+        _LIB = saved
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"evomerge kernel {what} failed (status {status})")
+
+
+def _rows(rows: torch.Tensor) -> tuple[int, int]:
+    """(pointer, row stride in elements) of a (n, cols) tensor with unit column stride."""
+    if rows.dim() != 2 or rows.stride(1) != 1:
+        raise ValueError("kernel rows must be a 2-d tensor with unit column stride")
+    return rows.data_ptr(), rows.stride(0)
+
+
+def _flat(x: torch.Tensor) -> int:
+    if not x.is_contiguous():
+        raise ValueError("kernel tensors must be contiguous")
+    return x.data_ptr()
+
+
+def histogram16(x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts of each 15-bit magnitude pattern (sign bit cleared) of a bf16/fp16 tensor,
+    added into ``counts`` (32768 int64, contiguous) when given."""
+    counts = torch.zeros(1 << 15, dtype=torch.int64) if counts is None else counts
+    flat = x.reshape(-1)
+    _check(_LIB.em_histogram16(_flat(flat), flat.numel(), counts.data_ptr()), "histogram")
+    return counts
+
+
+def tie_cut(flat: torch.Tensor, bits: int, wanted: int, total: int = -1) -> int:
+    """The flat index just past the ``wanted``-th entry whose magnitude bits equal ``bits``;
+    ``total``, the number of such entries when known, lets the scan start from the nearer end."""
+    return int(_LIB.em_tie_cut(_CODES[flat.dtype], _flat(flat), flat.numel(), bits, wanted, total))
+
+
+def subtract(rows: torch.Tensor, base: torch.Tensor, start: int, end: int) -> None:
+    """In place: ``rows[i, start:end] -= base[start:end]`` for every row."""
+    ptr, stride = _rows(rows)
+    _check(_LIB.em_sub(_CODES[rows.dtype], ptr, rows.shape[0], stride, _flat(base), start,
+                       end - start), "sub")
+
+
+def ties(rows: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor, start: int, end: int,
+         thresholds: torch.Tensor, cuts: torch.Tensor, weights: torch.Tensor, normalize: bool,
+         lam: float) -> None:
+    """TIES of the task vectors ``rows`` into ``out[start:end]`` (plus ``base`` when given).
+
+    Row ``i`` keeps entries whose magnitude bits exceed ``thresholds[i]`` (int32) and those
+    equal to it at flat index below ``cuts[i]`` (int64); ``weights`` are float32 values already
+    rounded to the rows' dtype, as torch rounds them.
+    """
+    ptr, stride = _rows(rows)
+    _check(_LIB.em_ties(_CODES[rows.dtype], rows.shape[0], ptr, stride,
+                        None if base is None else _flat(base), _flat(out), start, end - start,
+                        thresholds.data_ptr(), cuts.data_ptr(), weights.data_ptr(),
+                        int(normalize), lam, int(lam != 1)), "ties")
+
+
+def linear(rows: torch.Tensor, out: torch.Tensor, start: int, end: int, weights: torch.Tensor,
+           normalize: bool, total: float) -> None:
+    """``out[start:end] = sum_i weights[i] * rows[i]`` (float32 fused multiply-adds), divided by
+    ``total`` when ``normalize``."""
+    ptr, stride = _rows(rows)
+    _check(_LIB.em_linear(_CODES[rows.dtype], rows.shape[0], ptr, stride, _flat(out), start,
+                          end - start, weights.data_ptr(), int(normalize), total), "linear")
