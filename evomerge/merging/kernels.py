@@ -52,14 +52,14 @@ def _load() -> ctypes.CDLL | None:
 
 
 _LIB = _load()
-_warned = False
+_missing = _LIB is None and os.environ.get("EVOMERGE_KERNELS", "1") != "0"  # not built: warn
 
 
 def warn_if_missing() -> None:
     """Say once that CPU merges will run on the slower torch code (not when switched off)."""
-    global _warned
-    if _LIB is None and not _warned and os.environ.get("EVOMERGE_KERNELS", "1") != "0":
-        _warned = True
+    global _missing
+    if _missing:
+        _missing = False
         warnings.warn("evomerge's fused CPU merge kernels are not built (installing from source "
                       "needs a C compiler): CPU merges run on torch code, with the same results "
                       "but several times slower. Reinstall with a compiler, or set "
