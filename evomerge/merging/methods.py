@@ -284,9 +284,8 @@ def _dare(deltas, density, rng, rescale):
 def dare_ties(deltas: torch.Tensor, weight: Floats, density: Floats | None = None, *,
               rng: Sequence[torch.Generator], normalize: bool = False,
               rescale: str | None = "inverse", **shared) -> torch.Tensor:
-    """DARE drop with rescale, then TIES sign consensus."""
-    return _combine(_dare(deltas, density, rng, rescale), weight, consensus=True,
-                    normalize=normalize, lam=shared.get("lambda", 1.0))
+    """DARE drop with rescale, then TIES sign consensus (TIES with nothing left to trim)."""
+    return ties(_dare(deltas, density, rng, rescale), weight, normalize=normalize, **shared)
 
 
 @merge_method("dare_linear", on_deltas=True, needs_rng=True, params=[WEIGHT, DENSITY, LAMBDA,
