@@ -316,7 +316,7 @@ def linear(tensors: torch.Tensor, weight: Floats, *, normalize: bool = True,
     result = torch.empty(tensors.shape[1:], dtype=tensors.dtype, device=tensors.device) if out is None else out
     result_flat, total = result.view(-1), w.sum()
     if kernels.supports(tensors, len(tensors)):
-        for_chunks(flat.shape[1], _no_state, lambda start, end, _: kernels.linear(
+        for_chunks(flat.shape[1], lambda start, end, _: kernels.linear(
             flat, result_flat, start, end, w, normalize, float(total)))
         return result
     width = min(CHUNK, flat.shape[1])
@@ -332,7 +332,7 @@ def linear(tensors: torch.Tensor, weight: Floats, *, normalize: bool = True,
             part.div_(total)
         result_flat[start:end].copy_(part)
 
-    for_chunks(flat.shape[1], accumulator, average)
+    for_chunks(flat.shape[1], average, accumulator)
     return result
 
 
@@ -357,10 +357,6 @@ def slerp(tensors: torch.Tensor, *, t: float, dot_threshold: float = 0.9995,
         ca = torch.sin((1 - t) * theta) / torch.sin(theta)
         cb = torch.sin(t * theta) / torch.sin(theta)
     return (ca * a + cb * b).to(tensors.dtype)
-
-
-def _no_state(_worker: int) -> None:
-    return None
 
 
 # --- TIES, fused --------------------------------------------------------------------------------
@@ -446,7 +442,7 @@ def _ties_fused(deltas: torch.Tensor, weight: Floats, density: Floats, *, normal
     weights = torch.tensor(list(weight), dtype=deltas.dtype).float()  # rounded, as torch does
     result = torch.empty(deltas.shape[1:], dtype=deltas.dtype) if out is None else out
     result_flat, base_flat = result.view(-1), None if base is None else base.reshape(-1)
-    for_chunks(flat.shape[1], _no_state, lambda start, end, _: kernels.ties(
+    for_chunks(flat.shape[1], lambda start, end, _: kernels.ties(
         flat, base_flat, result_flat, start, end, thresholds, cuts, weights, normalize, lam))
     return result
 
@@ -456,5 +452,5 @@ def subtract_base_(stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     if not kernels.supports(stacked, len(stacked)) or base.dtype != stacked.dtype:
         return stacked.sub_(base)
     rows, base_flat = stacked.reshape(len(stacked), -1), base.reshape(-1)
-    for_chunks(rows.shape[1], _no_state, lambda start, end, _: kernels.subtract(rows, base_flat, start, end))
+    for_chunks(rows.shape[1], lambda start, end, _: kernels.subtract(rows, base_flat, start, end))
     return stacked

@@ -49,10 +49,11 @@ def thread_count() -> int:
     return _POOL_SIZE if _POOL is not None else 1
 
 
-def for_chunks(n_cols: int, make_state: Callable[[int], object],
-               work: Callable[[int, int, object], None]) -> None:
+def for_chunks(n_cols: int, work: Callable[[int, int, object], None],
+               make_state: Callable[[int], object] = lambda worker: None) -> None:
     """Call ``work(start, end, state)`` for every CHUNK of columns; inside
-    :func:`chunk_threads` the chunks are spread over its threads, each with its own ``state``."""
+    :func:`chunk_threads` the chunks are spread over its threads, each with its own ``state``
+    (what ``make_state(worker)`` returned)."""
     starts = list(range(0, n_cols, CHUNK))
     threads = min(_POOL_SIZE, len(starts)) if _POOL is not None else 1
 
