@@ -2,7 +2,7 @@
 is configured in pyproject.toml. The kernels are optional: if they fail to build, the package
 installs anyway and merges run on the (slower, bit-identical) torch code."""
 
-import platform
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -16,7 +16,7 @@ class BuildKernels(build_ext):
     def build_extensions(self) -> None:
         if self.compiler.compiler_type != "msvc":
             flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
-            if platform.machine().lower() in ("x86_64", "amd64"):
+            if sysconfig.get_platform().endswith(("x86_64", "amd64")):  # the target, not the host
                 flags.append("-mprefer-vector-width=512")  # only affects the AVX-512 build
             for ext in self.extensions:
                 ext.extra_compile_args = flags

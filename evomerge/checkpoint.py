@@ -168,10 +168,14 @@ class ShardedSafetensorsWriter:
         os.pwrite(fd, data, offset)
         self.written.add(name)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Close the shard files (after a failure: the caller removes the folder)."""
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+    def close(self) -> None:
+        self.release()
         missing = set(self.where) - self.written
         if missing:
             raise EvomergeError(f"output incomplete: {len(missing)} tensors never written, e.g. {min(missing)}")
@@ -215,10 +219,12 @@ class WriteBehind:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._queue.put(None)
         self._thread.join()
-        if exc_type is None:
-            if self._error is not None:
-                raise self._error
+        if exc_type is None and self._error is None:
             self.writer.close()
+            return
+        self.writer.release()
+        if exc_type is None:
+            raise self._error
 
 
 def iter_files(folder: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:

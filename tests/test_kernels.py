@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
+from evomerge.errors import EvomergeError
 from evomerge.merging import kernels
 from evomerge.merging.methods import get_method, magnitude_histograms, subtract_base_, ties_prepare
 from evomerge.merging.threads import CHUNK, chunk_threads
@@ -42,6 +47,7 @@ def test_ties_kernel_equals_torch_bit_for_bit(dtype, normalize, lam):
     ties = get_method("ties")
     cases = [([0.3, -0.2, 0.9], [0.5, 1.0, 0.3]), ([1.0, 1.0, 1.0], [0.0, 0.25, 0.999]),
              ([0.4, 0.4, 0.2], [1.0, 1.0, 1.0])]
+    assert kernels.supports(deltas)  # else this compares torch with torch
     for weight, density in cases:
         with kernels.disabled():
             expected = ties(deltas, weight, density, normalize=normalize, base=base,
@@ -58,15 +64,56 @@ def test_ties_kernel_equals_torch_bit_for_bit(dtype, normalize, lam):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ties_kernel_on_real_shaped_values(dtype):
-    g = torch.Generator().manual_seed(1)
-    base = torch.randn(300, 700, generator=g).to(dtype)
-    models = [(base.float() + 0.01 * torch.randn(300, 700, generator=g)).to(dtype) for _ in range(4)]
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 9, 20])
+def test_ties_kernel_on_real_shaped_values(dtype, n):
+    # float32 from five sources on runs torch (it sums more rows in another order): same bits
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(300, 701, generator=g).to(dtype)
+    models = [(base.float() + 0.01 * torch.randn(300, 701, generator=g)).to(dtype) for _ in range(n)]
     deltas = torch.stack(models) - base
-    args = ([0.3, 0.2, 0.4, 0.6], [0.5, 0.7, 0.2, 0.9])
+    weight = torch.rand(n, generator=g).tolist()
+    density = torch.rand(n, generator=g).tolist()
     with kernels.disabled():
-        expected = get_method("ties")(deltas, *args, base=base)
-    assert torch.equal(bits(get_method("ties")(deltas, *args, base=base)), bits(expected))
+        expected = get_method("ties")(deltas, weight, density, base=base)
+    assert torch.equal(bits(get_method("ties")(deltas, weight, density, base=base)), bits(expected))
+
+
+def same_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, except that a NaN need only meet a NaN (torch's own payloads vary)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(bits(a)[~nan], bits(b)[~nan])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_kernel_with_nan_and_inf(dtype):
+    deltas, base = task_vectors(dtype, cols=5000)
+    deltas[0, 10:20] = float("nan")
+    deltas[1, 15:30] = float("inf")
+    deltas[2, 25:27] = -float("inf")
+    deltas[0, 40:4000] = 0.0  # a threshold of zero magnitude: its ties sit among the NaNs' rows
+    for density in ([0.5, 0.5, 0.5], [1.0, 0.3, 1.0], [0.2, 1.0, 0.6]):
+        with kernels.disabled():
+            expected = get_method("ties")(deltas, [0.5, 0.3, 0.9], density, base=base)
+        got = get_method("ties")(deltas, [0.5, 0.3, 0.9], density, base=base)
+        assert same_or_both_nan(got, expected), density
+
+
+def test_kernels_take_only_what_they_can():
+    """Other dtypes, broadcast or strided inputs, wrong weight counts: the torch code runs."""
+    deltas, base = task_vectors(torch.bfloat16, cols=3000)
+    ties = get_method("ties")
+    expected = ties(deltas, [0.5, 0.3, 0.9], [0.5] * 3, base=base)
+    strided = torch.stack([deltas, deltas], -1)[..., 0]  # columns two apart
+    assert torch.equal(bits(ties(strided, [0.5, 0.3, 0.9], [0.5] * 3, base=base)), bits(expected))
+    wide = ties(deltas, [0.5, 0.3, 0.9], [0.5] * 3, base=base.float())  # torch promotes
+    assert wide.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="size"):  # torch's error, not a read past the weights
+        ties(deltas, [0.5, 0.3], [0.5] * 3, base=base)
+    rows = deltas.clone().reshape(3, 60, 50).transpose(1, 2)  # not contiguous: torch, in place
+    transposed_base = base.reshape(60, 50).t()
+    expected_rows = rows - transposed_base
+    assert subtract_base_(rows, transposed_base) is rows
+    assert torch.equal(bits(rows), bits(expected_rows))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,24 +165,29 @@ def test_tie_cut_from_either_end(dtype):
     assert kernels.tie_cut(flat, pattern, 0, total) == 0
 
 
-def test_trial_merge_equals_torch_path(llama_bf16):
-    """The engine's in-memory trial path: kernels on or off, the same parameters."""
+def ties_engine(family: dict, density: float = 0.4):
+    """A TIES engine over a tiny family (base + m1..m3) and its fixed values."""
     from evomerge.merging.engine import MergeEngine
     from evomerge.merging.space import ValueTable
     from evomerge.modalities import get_adapter
 
     adapter = get_adapter("causal_lm")
-    base = adapter.open(str(llama_bf16["base"]), "base")
-    sources = [adapter.open(str(llama_bf16[f"m{i}"]), f"m{i}") for i in (1, 2, 3)]
+    base = adapter.open(str(family["base"]), "base")
+    sources = [adapter.open(str(family[f"m{i}"]), f"m{i}") for i in (1, 2, 3)]
     method = get_method("ties")
     table = ValueTable(method=method, sources=tuple(s.label for s in sources), shared_fixed={},
-                       per_source_fixed={s.label: {"weight": w, "density": 0.4}
+                       per_source_fixed={s.label: {"weight": w, "density": density}
                                          for s, w in zip(sources, (0.5, 0.3, 0.8), strict=True)},
                        searched={}, granularity="per_source")
+    return MergeEngine(adapter, base, base, sources, method, dtype=torch.bfloat16), table
+
+
+def test_trial_merge_equals_torch_path(llama_bf16):
+    """The engine's in-memory trial path: kernels on or off, the same parameters."""
 
     def merged() -> dict[str, torch.Tensor]:
-        engine = MergeEngine(adapter, base, base, sources, method, dtype=torch.bfloat16)
-        params = {j.name: torch.empty(base.shape(j.name), dtype=torch.bfloat16)
+        engine, table = ties_engine(llama_bf16)
+        params = {j.name: torch.empty(engine.reference.shape(j.name), dtype=torch.bfloat16)
                   for j in engine.jobs if j.merge}
         engine.merge_into(params, table)
         engine.merge_into(params, table)  # second trial: cached task vectors and histograms
@@ -147,3 +199,35 @@ def test_trial_merge_equals_torch_path(llama_bf16):
     assert fused.keys() == plain.keys()
     for name in fused:
         assert torch.equal(bits(fused[name]), bits(plain[name])), name
+
+
+class SlowWriter(ShardedSafetensorsWriter):
+    """A real writer that takes its time, so the merge runs ahead of it."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        time.sleep(0.02)
+        super().write(name, tensor)
+
+
+def test_write_behind_never_writes_a_reused_buffer_early(llama_bf16, tmp_path):
+    engine, table = ties_engine(llama_bf16)
+    expected = {job.name: t.clone() for job, t in engine.iter_merged(table)}  # fresh tensors
+    planned = [PlannedTensor(j.name, engine.reference.shape(j.name), engine.output_dtype(j))
+               for j in engine.jobs]
+    with WriteBehind(SlowWriter(tmp_path, planned)) as out:
+        for job, tensor in engine.iter_merged(table, reuse_buffers=WriteBehind.BUFFERS):
+            out.write(job.name, tensor)
+    written = load_file(tmp_path / "model.safetensors")
+    assert written.keys() == expected.keys()
+    for name, t in expected.items():
+        assert torch.equal(bits(written[name]), bits(t)), name
+
+
+def test_write_behind_reports_a_failed_write_and_closes_the_files(tmp_path):
+    writer = ShardedSafetensorsWriter(tmp_path, [PlannedTensor("a", (4,), torch.float32),
+                                                 PlannedTensor("b", (4,), torch.float32)])
+    with pytest.raises(EvomergeError, match="tensor a: 8 bytes to write, 16 planned"):
+        with WriteBehind(writer) as out:
+            out.write("a", torch.zeros(2))  # the wrong size: fails on the writer's thread
+            out.write("b", torch.zeros(4))
+    assert writer._fds == []

@@ -7,11 +7,14 @@
  * Bit-exact with the torch code in methods.py: every value is rounded to the storage dtype
  * exactly where torch rounds it (torch computes a bf16/fp16 op in float32 and rounds the
  * result), sums run in the same order (0 + x0 + x1 + ...), and nothing is contracted into an
- * FMA unless torch fuses too (build with -ffp-contract=off; linear uses fmaf like addcmul).
+ * FMA unless torch fuses too (build with -ffp-contract=off; linear uses fmaf as the AVX2 and
+ * AVX-512 addcmul does, so against torch's scalar-only builds its last float32 bit can differ).
+ * NaN payloads may differ (torch's own differ between its scalar and vector code).
  *
  * The element types share one body, _kernels_body.h, included once per type:
  * BITS is the storage type (raw bits), LOAD/STORE convert to and from float, MAG_MASK clears
- * the sign bit (non-negative floats order like their bits).
+ * the sign bit (non-negative floats order like their bits), MAG_INF is infinity's magnitude
+ * (above it: NaN).
  */
 
 #include <Python.h>
@@ -26,9 +29,9 @@
 #define EXPORT __attribute__((visibility("default")))
 #endif
 
-/* One binary runs everywhere; on x86-64 Linux, gcc also builds AVX2 and AVX-512 versions of
- * each hot loop and picks one at load time. */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+/* One binary runs everywhere; on x86-64 Linux, gcc (12 and newer: `arch=` clones) also builds
+ * AVX2 and AVX-512 versions of each hot loop and picks one at load time. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HOT
@@ -61,6 +64,7 @@ static inline uint32_t f32_store(float f) { uint32_t u; memcpy(&u, &f, 4); retur
 
 #define BITS uint16_t
 #define MAG_MASK 0x7FFF
+#define MAG_INF 0x7F80
 #define LOAD bf16_load
 #define STORE bf16_store
 #define SFX bf16
@@ -68,6 +72,7 @@ static inline uint32_t f32_store(float f) { uint32_t u; memcpy(&u, &f, 4); retur
 
 #define BITS uint32_t
 #define MAG_MASK 0x7FFFFFFF
+#define MAG_INF 0x7F800000
 #define LOAD f32_load
 #define STORE f32_store
 #define SFX f32
@@ -79,6 +84,7 @@ static inline float f16_load(uint16_t h) { _Float16 x; memcpy(&x, &h, 2); return
 static inline uint16_t f16_store(float f) { _Float16 x = (_Float16)f; uint16_t h; memcpy(&h, &x, 2); return h; }
 #define BITS uint16_t
 #define MAG_MASK 0x7FFF
+#define MAG_INF 0x7C00
 #define LOAD f16_load
 #define STORE f16_store
 #define SFX f16
@@ -143,11 +149,13 @@ EXPORT int em_sub(int dtype, void *x, int64_t n_src, int64_t stride, const void 
     DISPATCH(sub, x, n_src, stride, base, start, len)
 }
 
-/* Only the bits matter here, so fp16 shares the bf16 code. */
 EXPORT int64_t em_tie_cut(int dtype, const void *x, int64_t n, int32_t bits, int64_t wanted,
                           int64_t total) {
     switch (dtype) {
-    case EM_BF16: case EM_F16: return tie_cut_bf16(x, n, bits, wanted, total);
+    case EM_BF16: return tie_cut_bf16(x, n, bits, wanted, total);
+#if HAVE_F16
+    case EM_F16: return tie_cut_f16(x, n, bits, wanted, total);
+#endif
     case EM_F32: return tie_cut_f32(x, n, bits, wanted, total);
     }
     return -1;
@@ -171,6 +179,7 @@ EXPORT int em_linear(int dtype, int64_t n_src, const void *x, int64_t stride, vo
 EXPORT int em_max_sources(void) { return MAX_SOURCES; }
 
 /* A real (empty) extension module, so the build tools treat this file like any other. */
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
-                                    "evomerge's fused merge kernels (loaded with ctypes).", -1, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_kernels",
+                                    .m_doc = "evomerge's fused merge kernels (loaded with ctypes).",
+                                    .m_size = -1};
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

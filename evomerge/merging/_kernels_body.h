@@ -53,11 +53,13 @@ static HOT int64_t CAT(tie_cut, SFX)(const BITS *x, int64_t n, int32_t bits, int
     return n;
 }
 
-/* One source's share of a TIES block: x = round(w * (|row| bits > t ? row : 0)), sum += x. */
+/* One source's share of a TIES block: x = round(w * (t < |row| bits <= most ? row : 0)),
+ * sum += x. */
 static inline void CAT(trim_weigh, SFX)(const BITS *row, int64_t from, int64_t to, int32_t t,
-                                        float w, float *x, float *sum) {
+                                        int32_t most, float w, float *x, float *sum) {
     for (int64_t j = from; j < to; j++) {
-        BITS keep = (BITS)0 - (BITS)((int32_t)(row[j] & MAG_MASK) > t);
+        int32_t mag = (int32_t)(row[j] & MAG_MASK);
+        BITS keep = (BITS)0 - (BITS)((mag > t) & (mag <= most));
         x[j] = ROUND(LOAD(row[j] & keep) * w); /* trimmed entries are +0 */
         sum[j] += x[j];
     }
@@ -82,8 +84,11 @@ static HOT void CAT(ties, SFX)(int64_t n_src, const BITS *deltas, int64_t stride
             const BITS *row = deltas + i * stride + b0;
             /* entries at the threshold are kept below index `tied` (mag > t - 1), not after */
             int64_t tied = clamp64(cut[i] - b0, 0, width);
-            CAT(trim_weigh, SFX)(row, 0, tied, threshold[i] - 1, weight[i], x[i], sum);
-            CAT(trim_weigh, SFX)(row, tied, width, threshold[i], weight[i], x[i], sum);
+            /* a trim never keeps a NaN (torch's `magnitude > threshold` is false for it);
+             * threshold < 0, no trim, keeps everything */
+            int32_t most = threshold[i] < 0 ? (int32_t)MAG_MASK : (int32_t)MAG_INF;
+            CAT(trim_weigh, SFX)(row, 0, tied, threshold[i] - 1, most, weight[i], x[i], sum);
+            CAT(trim_weigh, SFX)(row, tied, width, threshold[i], most, weight[i], x[i], sum);
         }
         /* the elected sign is that of the (rounded) sum, zero counting as positive */
         for (int64_t j = 0; j < width; j++) sign[j] = 1.0f - 2.0f * (float)(ROUND(sum[j]) < 0.0f);
@@ -133,6 +138,7 @@ static HOT void CAT(linear, SFX)(int64_t n_src, const BITS *x, int64_t stride, B
 #undef ROUND
 #undef BITS
 #undef MAG_MASK
+#undef MAG_INF
 #undef LOAD
 #undef STORE
 #undef SFX

@@ -2,10 +2,11 @@
 
 torch runs a merge op by op, one pass over memory each; TIES takes a dozen such ops, which on a
 CPU keeps it far from the memory-bandwidth floor. These kernels do the same arithmetic in one
-pass, bit for bit (tests compare the two). They are built with the package (``setup.py``);
-where they are missing (installed from source without a C compiler) or switched off with
-``EVOMERGE_KERNELS=0``, :func:`supports` is False and the methods run their torch code, which
-gives the same bits, only slower. GPU tensors always take the torch code.
+pass, bit for bit (tests compare the two; ``_kernels.c`` has the fine print). They are built
+with the package (``setup.py``); where they are missing (installed from source without a C
+compiler) or switched off with ``EVOMERGE_KERNELS=0``, :func:`supports` is False and the
+methods run their torch code, which gives the same bits, only slower. GPU tensors always take
+the torch code.
 
 Every function takes flat tensors: ``rows`` is ``(n_sources, n)`` with unit column stride (row
 ``i`` at ``rows[i]``), and works on columns ``[start, end)`` so callers can split the work
@@ -33,7 +34,10 @@ def _load() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("evomerge.merging._kernels")
     if spec is None or not spec.origin or not spec.origin.endswith((".so", ".pyd", ".dylib")):
         return None
-    lib = ctypes.CDLL(spec.origin)
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:  # a damaged or foreign build: run torch (and warn) rather than fail
+        return None
     signatures = {
         "em_has_dtype": ([ctypes.c_int], ctypes.c_int),
         "em_max_sources": ([], ctypes.c_int),
@@ -46,7 +50,9 @@ def _load() -> ctypes.CDLL | None:
                       ctypes.c_int),
     }
     for name, (args, result) in signatures.items():
-        fn = getattr(lib, name)
+        fn = getattr(lib, name, None)
+        if fn is None:  # a stale build from another version
+            return None
         fn.argtypes, fn.restype = args, result
     return lib
 
@@ -100,6 +106,12 @@ def _rows(rows: torch.Tensor) -> tuple[int, int]:
     return rows.data_ptr(), rows.stride(0)
 
 
+def _per_row(rows: torch.Tensor, *values: torch.Tensor) -> None:
+    """The kernels read one value per row from each of these: check before C does."""
+    if any(v.numel() != rows.shape[0] or not v.is_contiguous() for v in values):
+        raise ValueError(f"kernel values must hold one entry per row ({rows.shape[0]})")
+
+
 def _flat(x: torch.Tensor) -> int:
     if not x.is_contiguous():
         raise ValueError("kernel tensors must be contiguous")
@@ -138,6 +150,7 @@ def ties(rows: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor, start
     rounded to the rows' dtype, as torch rounds them.
     """
     ptr, stride = _rows(rows)
+    _per_row(rows, thresholds, cuts, weights)
     _check(_LIB.em_ties(_CODES[rows.dtype], rows.shape[0], ptr, stride,
                         None if base is None else _flat(base), _flat(out), start, end - start,
                         thresholds.data_ptr(), cuts.data_ptr(), weights.data_ptr(),
@@ -149,5 +162,6 @@ def linear(rows: torch.Tensor, out: torch.Tensor, start: int, end: int, weights:
     """``out[start:end] = sum_i weights[i] * rows[i]`` (float32 fused multiply-adds), divided by
     ``total`` when ``normalize``."""
     ptr, stride = _rows(rows)
+    _per_row(rows, weights)
     _check(_LIB.em_linear(_CODES[rows.dtype], rows.shape[0], ptr, stride, _flat(out), start,
                           end - start, weights.data_ptr(), int(normalize), total), "linear")

@@ -265,7 +265,8 @@ def ties(deltas: torch.Tensor, weight: Floats, density: Floats | None = None, *,
     """
     density = density or [1.0] * len(deltas)
     lam = shared.get("lambda", 1.0)
-    if tie_order == "index" and kernels.supports(deltas, len(deltas)):
+    if (tie_order == "index" and _fusable(deltas, weight, base, out)
+            and (deltas.dtype != torch.float32 or len(deltas) <= FUSED_FLOAT32_SOURCES)):
         return _ties_fused(deltas, weight, density, normalize=normalize, lam=lam,
                            prepared=prepared, base=base, out=out)
     trimmed = torch.stack([magnitude_trim(d, p, tie_order) for d, p in zip(deltas, density, strict=True)])
@@ -315,9 +316,10 @@ def linear(tensors: torch.Tensor, weight: Floats, *, normalize: bool = True,
     flat = tensors.reshape(len(tensors), -1)
     result = torch.empty(tensors.shape[1:], dtype=tensors.dtype, device=tensors.device) if out is None else out
     result_flat, total = result.view(-1), w.sum()
-    if kernels.supports(tensors, len(tensors)):
-        for_chunks(flat.shape[1], lambda start, end, _: kernels.linear(
-            flat, result_flat, start, end, w, normalize, float(total)))
+    if _fusable(tensors, weight, out):
+        rows = _rows(tensors)
+        for_chunks(rows.shape[1], lambda start, end, _: kernels.linear(
+            rows, result_flat, start, end, w, normalize, float(total)))
         return result
     width = min(CHUNK, flat.shape[1])
 
@@ -359,6 +361,30 @@ def slerp(tensors: torch.Tensor, *, t: float, dot_threshold: float = 0.9995,
     return (ca * a + cb * b).to(tensors.dtype)
 
 
+# --- the fused kernels' side of the methods ------------------------------------------------------
+
+# torch sums more than four float32 rows in another order than 0 + x0 + x1 + ... (the kernel's,
+# and torch's own for fewer rows and for 16-bit floats): beyond that, float32 TIES runs torch
+FUSED_FLOAT32_SOURCES = 4
+
+
+def _fusable(stacked: torch.Tensor, weight: Floats | None, *others: torch.Tensor | None) -> bool:
+    """Whether the kernels can take this merge: ``stacked`` (sources first) on the CPU in a dtype
+    they know, one weight per source, and ``others`` (base, out) contiguous tensors of its dtype
+    and of one source's size. Anything else runs the torch code."""
+    size = stacked[0].numel() if len(stacked) else 0
+    return (kernels.supports(stacked, len(stacked))
+            and (weight is None or len(weight) == len(stacked))
+            and all(t is None or (t.dtype == stacked.dtype and t.device == stacked.device
+                                  and t.is_contiguous() and t.numel() == size) for t in others))
+
+
+def _rows(stacked: torch.Tensor) -> torch.Tensor:
+    """``(sources, entries)``, with unit column stride as the kernels need (copied if not)."""
+    rows = stacked.reshape(len(stacked), -1)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
 # --- TIES, fused --------------------------------------------------------------------------------
 #
 # The same TIES as above, in one pass per element (kernels.ties) instead of a dozen full-size
@@ -373,11 +399,12 @@ def ties_prepare(deltas: torch.Tensor) -> list[torch.Tensor] | None:
     """What a trial can reuse across values, so finding a threshold costs no pass over the data:
     each source's magnitude histogram in cumulative form (16-bit floats), or its sorted
     magnitudes (float32 tensors small enough that the copy is cheap)."""
-    if not kernels.supports(deltas, len(deltas)):
+    if not _fusable(deltas, None):
         return None
     if deltas.dtype in (torch.bfloat16, torch.float16):
         return _at_or_above(magnitude_histograms(deltas))
-    if deltas.dtype == torch.float32 and deltas[0].numel() <= SORTED_PREPARE:
+    if (deltas.dtype == torch.float32 and deltas[0].numel() <= SORTED_PREPARE
+            and len(deltas) <= FUSED_FLOAT32_SOURCES):
         return [d.abs().reshape(-1).sort().values for d in deltas]
     return None
 
@@ -385,7 +412,7 @@ def ties_prepare(deltas: torch.Tensor) -> list[torch.Tensor] | None:
 def magnitude_histograms(deltas: torch.Tensor) -> list[torch.Tensor]:
     """Each source's 16-bit magnitude histogram; every source is split into one piece per
     thread, so three sources on two threads keep both busy."""
-    flat = deltas.reshape(len(deltas), -1)
+    flat = _rows(deltas)
     pieces = thread_count() if flat.shape[1] >= CHUNK else 1
     step = -(-flat.shape[1] // pieces)
     counts = torch.zeros(len(flat), pieces, 1 << 15, dtype=torch.int64)
@@ -432,9 +459,10 @@ def _ties_fused(deltas: torch.Tensor, weight: Floats, density: Floats, *, normal
                 lam: float, prepared: list[torch.Tensor] | None, base: torch.Tensor | None,
                 out: torch.Tensor | None) -> torch.Tensor:
     n = deltas.shape[0]
-    flat = deltas.reshape(n, -1)
-    if prepared is None and deltas.dtype in (torch.bfloat16, torch.float16):
-        prepared = _at_or_above(magnitude_histograms(deltas))
+    flat = _rows(deltas)
+    trimming = any(0 < p < 1 for p in density)  # dare_ties: nothing left to trim
+    if prepared is None and trimming and deltas.dtype in (torch.bfloat16, torch.float16):
+        prepared = _at_or_above(magnitude_histograms(flat))
     trims = parallel_map(lambda i: _plan_trim(flat[i], density[i], prepared[i] if prepared else None),
                  list(range(n)), parallel=flat.shape[1] >= CHUNK)
     thresholds = torch.tensor([t for t, _ in trims], dtype=torch.int32)
@@ -449,7 +477,7 @@ def _ties_fused(deltas: torch.Tensor, weight: Floats, density: Floats, *, normal
 
 def subtract_base_(stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """In place, ``stacked[i] -= base`` for every source: the task vectors (chunks on threads)."""
-    if not kernels.supports(stacked, len(stacked)) or base.dtype != stacked.dtype:
+    if not (_fusable(stacked, None, base) and stacked.is_contiguous()):  # in place: no copies
         return stacked.sub_(base)
     rows, base_flat = stacked.reshape(len(stacked), -1), base.reshape(-1)
     for_chunks(rows.shape[1], lambda start, end, _: kernels.subtract(rows, base_flat, start, end))
