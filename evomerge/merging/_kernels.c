@@ -127,22 +127,19 @@ enum { EM_BF16 = 0, EM_F16 = 1, EM_F32 = 2 };
 
 EXPORT int em_has_dtype(int dtype) { return dtype == EM_BF16 || dtype == EM_F32 || (dtype == EM_F16 && HAVE_F16); }
 
+/* Call fn_<type>(...) for the dtype code and return 0; -1 for a dtype this build lacks. */
 #if HAVE_F16
-#define DISPATCH(fn, ...)                                                         \
-    switch (dtype) {                                                              \
-    case EM_BF16: fn##_bf16(__VA_ARGS__); return 0;                               \
-    case EM_F16: fn##_f16(__VA_ARGS__); return 0;                                 \
-    case EM_F32: fn##_f32(__VA_ARGS__); return 0;                                 \
-    }                                                                             \
-    return -1;
+#define F16_CASE(fn, ...) case EM_F16: fn##_f16(__VA_ARGS__); return 0;
 #else
+#define F16_CASE(fn, ...)
+#endif
 #define DISPATCH(fn, ...)                                                         \
     switch (dtype) {                                                              \
     case EM_BF16: fn##_bf16(__VA_ARGS__); return 0;                               \
+    F16_CASE(fn, __VA_ARGS__)                                                     \
     case EM_F32: fn##_f32(__VA_ARGS__); return 0;                                 \
     }                                                                             \
     return -1;
-#endif
 
 EXPORT int em_sub(int dtype, void *x, int64_t n_src, int64_t stride, const void *base,
                   int64_t start, int64_t len) {

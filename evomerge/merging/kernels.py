@@ -58,6 +58,9 @@ def _load() -> ctypes.CDLL | None:
 
 
 _LIB = _load()
+# what this build takes, read once (supports() runs for every tensor of every trial)
+_DTYPES = {d for d, code in _CODES.items() if _LIB is not None and _LIB.em_has_dtype(code)}
+_MAX_SOURCES = _LIB.em_max_sources() if _LIB is not None else 0
 _missing = _LIB is None and os.environ.get("EVOMERGE_KERNELS", "1") != "0"  # not built: warn
 
 
@@ -79,8 +82,8 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, n_sources: int = 1) -> bool:
     """Whether the kernels can merge ``x`` (a CPU tensor of a dtype they know)."""
-    return (_LIB is not None and x.device.type == "cpu" and x.dtype in _CODES
-            and bool(_LIB.em_has_dtype(_CODES[x.dtype])) and n_sources <= _LIB.em_max_sources())
+    return (_LIB is not None and x.device.type == "cpu" and x.dtype in _DTYPES
+            and n_sources <= _MAX_SOURCES)
 
 
 @contextmanager
@@ -99,7 +102,7 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"evomerge kernel {what} failed (status {status})")
 
 
-def _rows(rows: torch.Tensor) -> tuple[int, int]:
+def _pointer_and_stride(rows: torch.Tensor) -> tuple[int, int]:
     """(pointer, row stride in elements) of a (n, cols) tensor with unit column stride."""
     if rows.dim() != 2 or rows.stride(1) != 1:
         raise ValueError("kernel rows must be a 2-d tensor with unit column stride")
@@ -135,7 +138,7 @@ def tie_cut(flat: torch.Tensor, bits: int, wanted: int, total: int = -1) -> int:
 
 def subtract(rows: torch.Tensor, base: torch.Tensor, start: int, end: int) -> None:
     """In place: ``rows[i, start:end] -= base[start:end]`` for every row."""
-    ptr, stride = _rows(rows)
+    ptr, stride = _pointer_and_stride(rows)
     _check(_LIB.em_sub(_CODES[rows.dtype], ptr, rows.shape[0], stride, _flat(base), start,
                        end - start), "sub")
 
@@ -149,7 +152,7 @@ def ties(rows: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor, start
     equal to it at flat index below ``cuts[i]`` (int64); ``weights`` are float32 values already
     rounded to the rows' dtype, as torch rounds them.
     """
-    ptr, stride = _rows(rows)
+    ptr, stride = _pointer_and_stride(rows)
     _per_row(rows, thresholds, cuts, weights)
     _check(_LIB.em_ties(_CODES[rows.dtype], rows.shape[0], ptr, stride,
                         None if base is None else _flat(base), _flat(out), start, end - start,
@@ -161,7 +164,7 @@ def linear(rows: torch.Tensor, out: torch.Tensor, start: int, end: int, weights:
            normalize: bool, total: float) -> None:
     """``out[start:end] = sum_i weights[i] * rows[i]`` (float32 fused multiply-adds), divided by
     ``total`` when ``normalize``."""
-    ptr, stride = _rows(rows)
+    ptr, stride = _pointer_and_stride(rows)
     _per_row(rows, weights)
     _check(_LIB.em_linear(_CODES[rows.dtype], rows.shape[0], ptr, stride, _flat(out), start,
                           end - start, weights.data_ptr(), int(normalize), total), "linear")

@@ -479,6 +479,6 @@ def subtract_base_(stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """In place, ``stacked[i] -= base`` for every source: the task vectors (chunks on threads)."""
     if not (_fusable(stacked, None, base) and stacked.is_contiguous()):  # in place: no copies
         return stacked.sub_(base)
-    rows, base_flat = stacked.reshape(len(stacked), -1), base.reshape(-1)
+    rows, base_flat = _rows(stacked), base.reshape(-1)  # views: stacked is contiguous
     for_chunks(rows.shape[1], lambda start, end, _: kernels.subtract(rows, base_flat, start, end))
     return stacked
