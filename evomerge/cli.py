@@ -166,24 +166,38 @@ score_app = typer.Typer(no_args_is_help=True, help="Re-score saved outputs witho
 app.add_typer(score_app, name="score")
 
 
+class Metric(str, Enum):
+    """How saved Japanese outputs are read: the paper's published scoring or evomerge's."""
+
+    sakana = "sakana"
+    robust = "robust"
+
+
+MetricOption = Annotated[Metric, typer.Option(
+    "--metric", help="sakana: Sakana's published scoring (comparable with the paper); "
+    "robust: evomerge's reading (NFKC numbers, character language rule, plain mean)")]
+
+
 @score_app.command("ja-math")
-def score_ja_math(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with response and answer")]) -> None:
+def score_ja_math(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with response and answer")],
+                  metric: MetricOption = Metric.robust) -> None:
     """Accuracy of saved responses: last number, and Japanese-only (the paper's score)."""
     import json
 
     from evomerge.evaluators.ja_math import score_file
 
-    typer.echo(json.dumps(score_file(path)))
+    typer.echo(json.dumps(score_file(path, metric=metric.value)))
 
 
 @score_app.command("ja-rouge")
-def score_ja_rouge(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with prediction and reference")]) -> None:
+def score_ja_rouge(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with prediction and reference")],
+                   metric: MetricOption = Metric.robust) -> None:
     """Mean ROUGE-L (F x 100, MeCab words) of saved VQA answers; non-Japanese answers score 0."""
     import json
 
     from evomerge.evaluators.ja_vqa import score_file as score_rouge_file
 
-    typer.echo(json.dumps(score_rouge_file(path), ensure_ascii=False))
+    typer.echo(json.dumps(score_rouge_file(path, metric=metric.value), ensure_ascii=False))
 
 
 @score_app.command("clip")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -275,9 +276,21 @@ def test_evaluator_on_tiny_model(llama_fp32, tiny_lm, problems_file):
     assert any(len(c["output"]) < len(f["output"]) for f, c in zip(result.items, stopped.items, strict=True))
 
 
-def test_native_stop_strings_end_generation_early(llama_fp32, tiny_lm, problems_file):
-    """With a tokenizer transformers' StopStringCriteria accepts, sequences end at the stop
-    string inside generate (cheaper) and the outputs equal decode-then-truncate."""
+def hf_greedy(model, tok, texts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Reference: transformers' own greedy generate, one prompt at a time (no padding)."""
+    out = []
+    for text in texts:
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
+    return out
+
+
+def test_sequences_stop_on_their_own_and_match_generate(tiny_lm, problems_file):
+    """Each sequence ends at its stop string or end marker and leaves the batch; the tokens it
+    got are transformers' greedy ones, and its text is decode-then-truncate of them."""
     from tiny import tiny_tokenizer
     from tokenizers import decoders
 
@@ -285,32 +298,45 @@ def test_native_stop_strings_end_generation_early(llama_fp32, tiny_lm, problems_
     tok.backend_tokenizer.decoder = decoders.Fuse()  # decode without spaces between tokens
     spec = {"data": {"path": str(problems_file)}, "max_new_tokens": 12, "batch_size": 5,
             "prompt": "{question} ", "stop": []}
-    full = JaMathEvaluator(spec, tokenizer=tok)(tiny_lm)
-    assert not JaMathEvaluator(spec, tokenizer=tok).native_stop
+    evaluator = JaMathEvaluator(spec, tokenizer=tok)
+    full = evaluator(tiny_lm)
+    reference = hf_greedy(tiny_lm, tok, evaluator.inputs, 12)
+    decoded = [tok.decode(r, skip_special_tokens=True) for r in reference]
+    assert [it["output"] for it in full.items] == decoded
+    produced = sum(len(r) for r in reference)  # generate pads nothing for a single prompt
+    assert full.metrics["generated_tokens"] == produced and full.metrics["generate_seconds"] > 0
+
     stop = next(it["output"][2] for it in full.items if len(it["output"]) > 2)
-    evaluator = JaMathEvaluator({**spec, "stop": [stop]}, tokenizer=tok)
-    assert evaluator.native_stop
-    stopped = evaluator(tiny_lm)
+    stopped = JaMathEvaluator({**spec, "stop": [stop]}, tokenizer=tok)(tiny_lm)
     for f, c in zip(full.items, stopped.items, strict=True):
         assert c["output"] == truncate_at_stop(f["output"], [stop])
+    # rows that hit the stop string stopped generating: fewer tokens in all
+    assert stopped.metrics["generated_tokens"] < full.metrics["generated_tokens"]
 
 
 class ScriptedLM(torch.nn.Module):
-    """A stand-in causal LM whose greedy continuation is always ``reply``."""
+    """A stand-in causal LM whose greedy continuation is always ``reply`` then the end marker:
+    its logits put all weight on the next scripted token (the same for every row)."""
 
     def __init__(self, tokenizer, reply: str):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.reply = tokenizer(reply, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        self.eos = tokenizer.eos_token_id
-        self.calls: list[int] = []
+        self.script = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        self.vocab = max(len(tokenizer), max(self.script) + 1)
+        self.calls: list[int] = []  # batch size of each prefill
+        self.rows: list[int] = []   # batch size of every forward
 
-    def generate(self, input_ids, attention_mask, generation_config=None, **kwargs):
+    def forward(self, input_ids, attention_mask, position_ids=None, past_key_values=None, **kwargs):
         assert (attention_mask[:, -1] == 1).all(), "padding must be on the left"
-        self.calls.append(input_ids.shape[0])
-        batch = input_ids.shape[0]
-        tail = torch.cat([self.reply, torch.tensor([[self.eos]])], dim=1).expand(batch, -1)
-        return torch.cat([input_ids, tail], dim=1)
+        if input_ids.shape[1] > 1 or not self.rows:
+            self.calls.append(input_ids.shape[0])
+            self.step = 0
+        self.rows.append(input_ids.shape[0])
+        token = self.script[min(self.step, len(self.script) - 1)]
+        self.step += 1
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        logits[:, -1, token] = 1.0
+        return types.SimpleNamespace(logits=logits)
 
 
 def test_evaluator_scores_japanese_and_english(llama_fp32, problems_file):
@@ -322,7 +348,11 @@ def test_evaluator_scores_japanese_and_english(llama_fp32, problems_file):
     ja = ScriptedLM(tok, "こたえは8です。")
     result = evaluator(ja)
     assert ja.calls == [2, 2, 1]
-    assert result.metrics == {"accuracy": 0.4, "accuracy_ja": 0.4, "n": 5.0}
+    assert {k: result.metrics[k] for k in ("accuracy", "accuracy_ja", "n")} == {
+        "accuracy": 0.4, "accuracy_ja": 0.4, "n": 5.0}
+    assert result.metrics["accuracy_ja_robust"] == 0.4  # the default metric, under its own name
+    # every row produced the reply and the end marker: 3 prefills of 2, 2, 1 rows
+    assert result.metrics["generated_tokens"] == 5 * len(ja.script)
     assert result.score == 0.4
     assert [it["correct"] for it in result.items] == [False, True, False, True, False]
     assert all(it["japanese"] for it in result.items)

@@ -2,14 +2,21 @@
 
 This follows the EvoLLM-JP evaluation (Akiba et al., 2024): zero-shot greedy generation with a
 Japanese Alpaca-style prompt, the answer is the **last number** in the response, and a response
-only counts when it is **written in Japanese**. Two repairs over the original regex
-(``\\d*\\.?\\d+``): text is NFKC-normalised first (``１２３`` -> ``123``, ``，`` -> ``,``) and
-thousands separators are dropped, so ``1,000`` reads as 1000, not 000.
+only counts when it is **written in Japanese**. Two readings (``metric``):
+
+- ``sakana``: exactly Sakana's published scoring (the numbers of the paper's Table 1): the regex
+  ``\\d*\\.?\\d+`` on the raw text, last match, float equality with the reference; Japanese when
+  fastText lid.176 gives P(ja) > 0.5 on the text with newlines removed. Its defaults are the
+  paper's generation: the ``ja-alpaca-cot`` prompt, stops ``Instruction:``, ``Instruction``,
+  ``Response:``, ``Response``, up to 1024 new tokens.
+- ``robust`` (the default): the text is NFKC-normalised first (``１２３`` -> ``123``), thousands
+  separators are dropped (``1,000`` is 1000, where the regex reads 000) and minus signs are
+  read; Japanese when kana/kanji are at least half the letters.
 
 The scoring functions are pure and usable on their own, e.g. to re-score saved outputs::
 
-    >>> extract_answer("答えは１，０００円です。")
-    1000.0
+    >>> extract_answer("答えは１，０００円です。"), sakana_extract_answer("答えは１，０００円です。")
+    (1000.0, 0.0)
     >>> is_correct("So the answer is 18.", 18)
     True
     >>> is_japanese("So the answer is 18.")
@@ -19,14 +26,14 @@ The scoring functions are pure and usable on their own, e.g. to re-score saved o
     {'accuracy': 1.0, 'accuracy_ja': 0.5, 'n': 2}
 
 :class:`JaMathEvaluator` runs the whole thing on a transformers causal LM; its ``score`` is
-``accuracy_ja`` (correct **and** Japanese), the fitness the paper maximised.
+``accuracy_ja`` (correct **and** Japanese), the fitness the paper maximised, and its items
+and metrics carry both readings.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,8 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import Result
 from evomerge.evaluators.data import load_rows, read_jsonl
+from evomerge.evaluators.generation import Generated, greedy_generate
+from evomerge.evaluators.langid import ja_probability, load_fasttext
 
 # --------------------------------------------------------------------------------------------
 # Answer extraction
@@ -140,47 +149,78 @@ def is_japanese(text: str, threshold: float = 0.5) -> bool:
 
 
 class JapaneseDetector:
-    """Decides whether a response is Japanese.
-
-    With ``model_path`` pointing at fastText's ``lid.176.bin`` (or ``.ftz``) and the ``fasttext``
-    package installed, a text is Japanese when the top label is ``__label__ja`` with probability
-    above 0.5 (as in Sakana's evaluation). Otherwise, and always offline by default, it uses the
-    character rule of :func:`is_japanese`. Nothing is ever downloaded.
-    """
+    """The ``robust`` language check: the character rule of :func:`is_japanese`, or, with
+    ``model_path`` (a fastText model such as ``lid.176.bin``), P(ja) > 0.5 on the text with
+    whitespace collapsed. Nothing is ever downloaded."""
 
     def __init__(self, model_path: str | Path | None = None, threshold: float = 0.5):
         self.threshold = threshold
-        self.model = None
-        if model_path is None:
-            return
-        path = Path(model_path).expanduser()
-        if not path.is_file():
-            raise EvomergeError(f"language-id model {str(model_path)!r} does not exist "
-                                "(download lid.176.bin yourself, or drop the option to use the character rule)")
-        try:
-            import fasttext
-        except ImportError:
-            warnings.warn("fasttext is not installed: using the kana/kanji character rule "
-                          "instead of lid.176", stacklevel=2)
-            return
-        self.model = fasttext.load_model(str(path))
+        self.model_path = None if model_path is None else str(Path(model_path).expanduser())
+        if self.model_path is not None:
+            if not Path(self.model_path).is_file():
+                raise EvomergeError(f"language-id model {str(model_path)!r} does not exist "
+                                    "(drop the option to use the character rule)")
+            load_fasttext(self.model_path)
 
     @property
     def method(self) -> str:
-        return "fasttext" if self.model is not None else "characters"
+        return "fasttext" if self.model_path is not None else "characters"
 
     def __call__(self, text: str) -> bool:
-        if self.model is None:
+        if self.model_path is None:
             return is_japanese(text, self.threshold)
-        line = " ".join(text.split())  # fastText predicts on one line
-        if not line:
-            return False
-        try:
-            labels, probs = self.model.predict(line, k=1)
-            label, prob = labels[0], float(probs[0])
-        except ValueError:  # fasttext's wrapper vs NumPy 2 (np.array(copy=False)): use the core
-            prob, label = self.model.f.predict(line, 1, 0.0, "strict")[0]
-        return label == "__label__ja" and float(prob) > 0.5
+        line = " ".join(text.split())
+        return bool(line) and ja_probability(line, self.model_path) > 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Sakana's reading (metric: sakana)
+# --------------------------------------------------------------------------------------------
+
+# Sakana's answer regex, applied to the raw response. Python's \d also matches full-width
+# digits, and float() reads them: "４２" is 42, but "１，０００" is two matches, the last "０００".
+_SAKANA_NUMBER = re.compile(r"\d*\.?\d+")
+
+
+def sakana_extract_answer(text: str) -> float | None:
+    """The last match of ``\\d*\\.?\\d+`` in ``text`` as a float (None when none): no
+    normalisation, no minus sign, no thousands separators (``"1,000"`` reads 0.0)."""
+    matches = _SAKANA_NUMBER.findall(text or "")
+    return float(matches[-1].replace(",", "")) if matches else None
+
+
+def sakana_score(response: str, answer: Any) -> dict:
+    """Sakana's reading of one response: ``predicted``, ``correct`` (float equality with the
+    reference number), ``p_ja`` (fastText P(ja)) and ``japanese`` (``p_ja > 0.5``)."""
+    predicted = sakana_extract_answer(response)
+    reference = parse_reference(answer)
+    p_ja = ja_probability(response)
+    return {"predicted": predicted, "correct": predicted is not None and predicted == reference,
+            "p_ja": p_ja, "japanese": p_ja > 0.5}
+
+
+def robust_score(response: str, answer: Any, detector: JapaneseDetector | None = None) -> dict:
+    """The ``robust`` reading of one response: ``predicted``, ``correct``, ``japanese``."""
+    return {"predicted": extract_answer(response), "correct": is_correct(response, answer),
+            "japanese": (detector or JapaneseDetector())(response)}
+
+
+METRICS = ("robust", "sakana")
+
+
+def check_metric(metric: str, where: str = "evaluator metric") -> str:
+    """``metric`` if it is a known reading, else a one-line error."""
+    if metric not in METRICS:
+        raise EvomergeError(f"{where}: {metric!r} is not a metric (use one of: {', '.join(METRICS)})")
+    return metric
+
+
+def score_item(response: str, answer: Any, metric: str,
+               detector: JapaneseDetector | None = None) -> dict:
+    """One response read the ``metric`` way (see :func:`sakana_score`, :func:`robust_score`)."""
+    if check_metric(metric) == "sakana":
+        return sakana_score(response, answer)
+    return robust_score(response, answer, detector)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +228,9 @@ class JapaneseDetector:
 # --------------------------------------------------------------------------------------------
 
 
-def score_responses(records: Iterable[dict], detector: JapaneseDetector | None = None) -> dict:
-    """Accuracy of ``{"response", "answer"}`` records.
+def score_responses(records: Iterable[dict], detector: JapaneseDetector | None = None, *,
+                    metric: str = "robust") -> dict:
+    """Accuracy of ``{"response", "answer"}`` records under ``metric``.
 
     Returns ``{"accuracy", "accuracy_ja", "n"}``: ``accuracy`` counts correct answers in any
     language; ``accuracy_ja`` counts an item only if it is correct **and** its response is
@@ -199,15 +240,16 @@ def score_responses(records: Iterable[dict], detector: JapaneseDetector | None =
     n = correct = correct_ja = 0
     for record in records:
         response = str(record.get("response", record.get("output", "")) or "")
-        ok = is_correct(response, record.get("answer"))
+        item = score_item(response, record.get("answer"), metric, check)
         n += 1
-        correct += ok
-        correct_ja += ok and check(response)
+        correct += item["correct"]
+        correct_ja += item["correct"] and item["japanese"]
     return {"accuracy": correct / n if n else 0.0, "accuracy_ja": correct_ja / n if n else 0.0,
             "n": n}
 
 
-def score_file(path: str | Path, detector: JapaneseDetector | None = None) -> dict:
+def score_file(path: str | Path, detector: JapaneseDetector | None = None, *,
+               metric: str = "robust") -> dict:
     """:func:`score_responses` over a JSONL file whose lines have ``response`` (or ``output``,
     as the evaluator writes) and ``answer``; errors name the file and line."""
     path = Path(path)
@@ -219,7 +261,7 @@ def score_file(path: str | Path, detector: JapaneseDetector | None = None) -> di
             raise EvomergeError(f"{path}:{lineno}: missing field 'response'")
         if "answer" not in row:
             raise EvomergeError(f"{path}:{lineno}: missing field 'answer'")
-    return score_responses((row for _, row in rows), detector)
+    return score_responses((row for _, row in rows), detector, metric=metric)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +275,16 @@ DEFAULT_PROMPT = (
     "### 応答:\n一歩一歩考えましょう。"
 )
 DEFAULT_STOP = ["### 指示", "### Instruction", "### 応答", "### Response"]
+# Sakana's "ja-alpaca-cot" template and vLLM stop strings (the paper's EvoLLM-JP evaluation).
+JA_ALPACA_COT_PROMPT = (
+    "以下に、あるタスクを説明する指示があります。リクエストを適切に完了するための回答を日本語で"
+    "記述してください。一歩一歩考えましょう。\n\n### 指示:\n{question}\n\n### 応答:"
+)
+SAKANA_STOP = ["Instruction:", "Instruction", "Response:", "Response"]
+PROMPTS = {"default": DEFAULT_PROMPT, "ja-alpaca-cot": JA_ALPACA_COT_PROMPT}
+# Generation defaults of each metric: (prompt, stop strings, max_new_tokens).
+METRIC_DEFAULTS = {"robust": (DEFAULT_PROMPT, DEFAULT_STOP, 512),
+                   "sakana": (JA_ALPACA_COT_PROMPT, SAKANA_STOP, 1024)}
 
 
 def _data_spec(spec: dict) -> dict:
@@ -345,15 +397,19 @@ class JaMathEvaluator:
 
     - ``data``: a data spec (``path``/``hub``, ``config``, ``split``...; see :func:`load_problems`),
       or the same keys at top level; ``limit`` and ``offset`` may sit at top level too.
-    - ``prompt``: a template with ``{question}`` (default: :data:`DEFAULT_PROMPT`).
+    - ``metric``: ``robust`` (default) or ``sakana`` (the paper's scoring and generation
+      defaults); the score uses it, and items and metrics carry both readings
+      (``accuracy_ja_sakana``, ``accuracy_ja_robust``...).
+    - ``prompt``: ``ja-alpaca-cot`` (Sakana's), ``default``, or a template with ``{question}``.
     - ``chat``: wrap the prompt in the tokenizer's chat template (default false).
-    - ``max_new_tokens`` (512), ``batch_size`` (8), ``stop`` (:data:`DEFAULT_STOP`; eos always stops).
+    - ``max_new_tokens`` (512 robust, 1024 sakana), ``batch_size`` (8), ``stop`` (the metric's
+      stop strings; the end marker always stops).
     - ``require_japanese`` (true): score is ``accuracy_ja``; false makes it ``accuracy``.
-    - ``language_model``: path of fastText ``lid.176.bin`` for the language check.
+    - ``language_model``: a fastText model file for the robust reading's language check.
 
-    Generation is greedy with left padding; prompts are sorted by length so a batch wastes
-    little padding, and results come back in data order. Problems and the tokenizer are loaded
-    once, here; each call only generates and scores.
+    Generation is greedy (:func:`~evomerge.evaluators.generation.greedy_generate`): prompts are
+    batched by token length and each sequence leaves its batch when it ends. Problems and the
+    tokenizer are loaded once, here; each call only generates and scores.
     """
 
     name = "ja_math"
@@ -361,14 +417,18 @@ class JaMathEvaluator:
     def __init__(self, spec: dict, tokenizer_path: str | Path | None = None, *,
                  tokenizer: Any = None):
         self.spec = spec
+        self.metric = check_metric(spec.get("metric", "robust"), "evaluator ja_math: metric")
+        self.other_metric = next(m for m in METRICS if m != self.metric)
+        prompt, stop, max_new = METRIC_DEFAULTS[self.metric]
         self.problems = load_problems(spec)
-        self.template = spec.get("prompt") or DEFAULT_PROMPT
+        template = spec.get("prompt") or prompt
+        self.template = PROMPTS.get(template, template)
         self.prompts = [format_prompt(p["question"], self.template) for p in self.problems]
-        self.max_new_tokens = int(spec.get("max_new_tokens", 512))
+        self.max_new_tokens = int(spec.get("max_new_tokens", max_new))
         self.batch_size = int(spec.get("batch_size", 8))
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise EvomergeError("evaluator: max_new_tokens and batch_size must be >= 1")
-        stop = spec.get("stop", DEFAULT_STOP)
+        stop = spec.get("stop", stop)
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.require_japanese = bool(spec.get("require_japanese", True))
         self.detector = JapaneseDetector(spec.get("language_model"))
@@ -379,21 +439,7 @@ class JaMathEvaluator:
             tokenizer = load_tokenizer(source)
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.inputs = [self._render(p) for p in self.prompts]
-        self.native_stop = self._native_stop_ok()
-
-    def _native_stop_ok(self) -> bool:
-        """Whether transformers' ``stop_strings`` works with this tokenizer (it ends sequences
-        early, saving generation time); some tokenizers cannot build its tables. Outputs are
-        truncated after decoding either way, so this only affects speed."""
-        if not self.stop:
-            return False
-        try:
-            from transformers.generation.stopping_criteria import StopStringCriteria
-
-            StopStringCriteria(stop_strings=self.stop, tokenizer=self.tokenizer)
-        except Exception:
-            return False
-        return True
+        self.input_ids = [self.tokenizer(text)["input_ids"] for text in self.inputs]
 
     def _render(self, prompt: str) -> str:
         if not self.spec.get("chat"):
@@ -416,49 +462,38 @@ class JaMathEvaluator:
                     ids.append(int(v))
         return ids
 
-    def generate(self, model: Any, texts: list[str]) -> list[str]:
-        """Greedy completions of ``texts`` (already rendered prompts), stop strings cut off."""
-        import torch
-        from transformers import GenerationConfig
-
-        device = next(model.parameters()).device
-        eos = self._eos_ids(model)
-        config = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=eos or None,
-                                  stop_strings=self.stop if self.native_stop else None)
-        extra = {"tokenizer": self.tokenizer} if self.native_stop else {}
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        outputs: list[str] = [""] * len(texts)
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
-                enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                with torch.inference_mode():
-                    out = model.generate(**enc, generation_config=config, **extra)
-                new = out[:, enc["input_ids"].shape[1]:]
-                for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
-                    outputs[i] = truncate_at_stop(text, self.stop)
-        finally:
-            model.train(was_training)
-        return outputs
+    def generate(self, model: Any) -> tuple[list[str], Generated]:
+        """Greedy completions of the prompts, stop strings cut off, and what they cost."""
+        out = greedy_generate(model, self.tokenizer, self.input_ids,
+                              max_new_tokens=self.max_new_tokens, eos_ids=self._eos_ids(model),
+                              stop=self.stop, batch_size=self.batch_size)
+        texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+        return [truncate_at_stop(t, self.stop) for t in texts], out
 
     def __call__(self, runnable: Any) -> Result:
-        outputs = self.generate(runnable, self.inputs)
+        outputs, cost = self.generate(runnable)
         items = []
         for prompt, problem, output in zip(self.prompts, self.problems, outputs, strict=True):
-            predicted = extract_answer(output)
-            correct = is_correct(output, problem["answer"])
-            items.append({"prompt": prompt, "question": problem["question"], "output": output,
-                          "answer": problem["answer"],
-                          "predicted": None if predicted is None else _as_number(predicted),
-                          "correct": correct, "japanese": self.detector(output)})
+            item = {"prompt": prompt, "question": problem["question"], "output": output,
+                    "answer": problem["answer"]}
+            for metric in (self.metric, self.other_metric):
+                reading = score_item(output, problem["answer"], metric, self.detector)
+                if reading["predicted"] is not None:
+                    reading["predicted"] = _as_number(reading["predicted"])
+                suffix = "" if metric == self.metric else f"_{metric}"
+                item.update({f"{k}{suffix}": v for k, v in reading.items()})
+            items.append(item)
         n = len(items)
-        accuracy = sum(it["correct"] for it in items) / n
-        accuracy_ja = sum(it["correct"] and it["japanese"] for it in items) / n
-        metrics = {"accuracy": accuracy, "accuracy_ja": accuracy_ja, "n": float(n)}
-        return Result(score=accuracy_ja if self.require_japanese else accuracy, metrics=metrics,
-                      items=items)
+        metrics: dict[str, float] = {}
+        for metric in METRICS:
+            suffix = "" if metric == self.metric else f"_{metric}"
+            correct = [it[f"correct{suffix}"] for it in items]
+            japanese = [it[f"japanese{suffix}"] for it in items]
+            metrics[f"accuracy_{metric}"] = sum(correct) / n
+            metrics[f"accuracy_ja_{metric}"] = sum(c and j for c, j in zip(correct, japanese, strict=True)) / n
+        metrics["accuracy"] = metrics[f"accuracy_{self.metric}"]
+        metrics["accuracy_ja"] = metrics[f"accuracy_ja_{self.metric}"]
+        metrics.update({"n": float(n), "generated_tokens": float(cost.generated_tokens),
+                        "generate_seconds": cost.seconds})
+        score = metrics["accuracy_ja"] if self.require_japanese else metrics["accuracy"]
+        return Result(score=score, metrics=metrics, items=items)

@@ -3,13 +3,19 @@
 This follows the EvoVLM-JP evaluation (Akiba et al., 2024; Sakana AI's ``evomerge/eval``): the
 VLM answers one question per image with beam search (5 beams, repetition penalty 1.5, up to 512
 new tokens), and each answer is compared with the reference by **ROUGE-L F-measure x 100**
-computed on **MeCab words** (fugashi + unidic-lite, wakati output) after a neologdn-style
-normalisation. A prediction that is **not Japanese** counts as the empty string when the
-reference is Japanese, so a model that answers well in English scores nothing.
+computed on **MeCab words** (fugashi + unidic-lite, wakati output) after Sakana's
+normalisation (emoji removed with ``emoji`` and Sakana's ranges, ``neologdn.normalize``,
+whitespace collapsed). A prediction that is **not Japanese** counts as the empty string when
+the reference is Japanese, so a model that answers well in English scores nothing. Two
+readings (``metric``):
 
-One departure, on purpose: Sakana averaged with rouge_score's ``BootstrapAggregator`` (whose
-"mid" is a resampled estimate of the mean); here the score is the plain mean of the per-item
-F-measures, which is what the bootstrap estimates, without its sampling noise.
+- ``sakana``: exactly Sakana's published scoring: the language rule is fastText lid.176
+  (blank when P(ja) of the reference >= 0.5 and P(ja) of the prediction < 0.5), and the mean
+  is rouge_score's ``BootstrapAggregator`` "mid" (the median of 1000 resampled means), with
+  NumPy's global generator seeded with 42 for the call, so the number is deterministic and
+  equals what Sakana's ``rouge_ja`` gives right after ``np.random.seed(42)``;
+- ``robust`` (the default): the kana/kanji character rule and the plain mean of the per-item
+  F-measures (what the bootstrap estimates, without its sampling noise).
 
 The scoring functions are pure and usable on their own, e.g. to re-score saved outputs::
 
@@ -26,14 +32,13 @@ The scoring functions are pure and usable on their own, e.g. to re-score saved o
     {'rougeL': 50.0, 'n': 2}
 
 :class:`JaVQAEvaluator` runs the whole thing on a LLaVA / LLaVA-NeXT model with its processor;
-its ``score`` is the mean ROUGE-L with the Japanese rule (Sakana's ``rougeL_ja``).
+its ``score`` is the ROUGE-L with the Japanese rule (Sakana's ``rougeL_ja``).
 """
 
 from __future__ import annotations
 
 import io
 import re
-import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -43,69 +48,40 @@ from evomerge.errors import EvomergeError, describe
 from evomerge.evaluators.base import Result
 from evomerge.evaluators.data import load_rows, read_jsonl
 from evomerge.evaluators.ja_math import (
+    METRICS,
     JapaneseDetector,
+    check_metric,
     is_japanese,
     load_pretrained,
     prepare_tokenizer,
 )
+from evomerge.evaluators.langid import ja_probability
 
 # --------------------------------------------------------------------------------------------
-# Normalisation (neologdn-style, in pure Python: neologdn needs a C++ build)
+# Normalisation (Sakana's: emoji removed, neologdn, whitespace collapsed)
 # --------------------------------------------------------------------------------------------
 
-# A run of hyphen-like characters becomes one ASCII hyphen; dash / long-vowel look-alikes
-# become "ー".
-_HYPHENS = re.compile("[˗֊‐‑‒–⁃⁻₋−]+")
-_CHOONPU = str.maketrans({c: "ー" for c in "﹣－ｰ—―─━"})
-# Tildes and wave dashes are dropped (neologdn does the same).
-_TILDES = str.maketrans({c: None for c in "~∼∾〜〰～"})
-_LONG_VOWELS = re.compile("ー+")
-# Emoji and pictographs: the blocks Sakana's regex removes, plus the other emoji blocks and the
-# joiners / selectors that glue emoji sequences together.
-_EMOJI = re.compile(
-    "["
-    "\U0001F000-\U0001FAFF"  # mahjong .. symbols & pictographs extended-A (emoticons, flags...)
-    "\U00002600-\U000027BF"  # miscellaneous symbols, dingbats
-    "\U00002B00-\U00002BFF"  # arrows and stars (⭐, ⬆)
-    "\U0000FE00-\U0000FE0F"  # variation selectors
-    "\U0001F3FB-\U0001F3FF"  # skin tones
-    "\u200d\u20e3"           # zero-width joiner, combining keycap
-    "\U000E0020-\U000E007F"  # tag characters (subdivision flags)
-    "]+",
-    flags=re.UNICODE,
-)
-# Characters between which a space carries no meaning: kana, kanji, CJK punctuation and the
-# ASCII side of mixed text is handled by the rules below.
-_JA = r"\u3000-\u303f\u3040-\u309f\u30a0-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
-_BASIC_LATIN = r"\u0021-\u007e"
-_SPACE_JA_JA = re.compile(rf"(?<=[{_JA}]) +(?=[{_JA}])")
-_SPACE_JA_LATIN = re.compile(rf"(?<=[{_JA}]) +(?=[{_BASIC_LATIN}])|(?<=[{_BASIC_LATIN}]) +(?=[{_JA}])")
+# The ranges Sakana's regex removes after emoji.is_emoji: emoticons, symbols & pictographs,
+# transport & map, flags, dingbats.
+_EMOJI_RANGES = re.compile(
+    "[\U0001F600-\U0001F64F\U0001F300-\U0001F5FF\U0001F680-\U0001F6FF\U0001F1E0-\U0001F1FF"
+    "\U00002702-\U000027B0]+")
 
 
 def remove_emoji(text: str) -> str:
-    """``text`` without emoji, pictographs, flags and the joiners that combine them."""
-    return _EMOJI.sub("", text)
+    """``text`` without the characters ``emoji.is_emoji`` flags and Sakana's emoji ranges."""
+    import emoji
+
+    return _EMOJI_RANGES.sub("", "".join(c for c in text if not emoji.is_emoji(c)))
 
 
 def normalize_ja(text: str) -> str:
-    """Normalise Japanese text for comparison, the way neologdn does for Sakana's metric.
+    """Sakana's normalisation: emoji removed, ``neologdn.normalize`` (full-width ASCII and
+    half-width katakana unified, long vowels and hyphens collapsed, tildes dropped, spaces
+    between Japanese characters removed), then whitespace collapsed to single spaces."""
+    import neologdn
 
-    - emoji removed;
-    - NFKC: full-width letters, digits and symbols become ASCII (``ＡＢＣ１２３！`` -> ``ABC123!``),
-      half-width katakana become full-width (``ﾊﾝｶｸ`` -> ``ハンカク``);
-    - a run of hyphen variants becomes one ``-``; dash-like long-vowel marks become ``ー`` and runs of ``ー``
-      one ``ー``; tildes and wave dashes are dropped;
-    - whitespace (full-width spaces and newlines included) collapsed to one space, removed at
-      the ends, between two Japanese characters and between Japanese and ASCII
-      (``検索 エンジン`` -> ``検索エンジン``), kept between ASCII words (``Natural Language``).
-    """
-    text = remove_emoji(text)
-    text = _HYPHENS.sub("-", text.translate(_CHOONPU))
-    text = unicodedata.normalize("NFKC", text).translate(_TILDES)
-    text = _LONG_VOWELS.sub("ー", text)
-    text = " ".join(text.split())
-    text = _SPACE_JA_JA.sub("", text)
-    return _SPACE_JA_LATIN.sub("", text)
+    return " ".join(neologdn.normalize(remove_emoji(text)).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,53 +118,99 @@ class MecabTokenizer:
         return mecab_tokens(text)
 
 
+# Sakana scores all three types; the bootstrap draws for rouge1 and rouge2 come first, so
+# they are kept to give the rougeL "mid" Sakana's code gives for the same seed.
+ROUGE_TYPES = ["rouge1", "rouge2", "rougeL"]
+BOOTSTRAP_SEED = 42
+
+
 @lru_cache(maxsize=1)
 def _scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=MecabTokenizer())
+    return rouge_scorer.RougeScorer(ROUGE_TYPES, tokenizer=MecabTokenizer())
 
 
-def japanese_rule(prediction: str, reference: str,
-                  detector: JapaneseDetector | None = None) -> str:
-    """The prediction to score: ``""`` when the reference is Japanese and the prediction is not
-    (Sakana's rule, with the character test of :func:`is_japanese` unless a fastText
-    ``detector`` is given); else the prediction unchanged."""
-    check = detector or is_japanese
-    if check(reference) and not check(prediction):
-        return ""
-    return prediction
+def bootstrap_mid(scores: list[dict], seed: int = BOOTSTRAP_SEED) -> float:
+    """rouge_score's ``BootstrapAggregator`` mid F-measure x 100 of ROUGE-L over per-item score
+    dicts, with NumPy's global generator seeded for the call (and restored after it)."""
+    import numpy as np
+    from rouge_score.scoring import BootstrapAggregator
+
+    if not scores:
+        return 0.0
+    aggregator = BootstrapAggregator()
+    for score in scores:
+        aggregator.add_scores(score)
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        result = aggregator.aggregate()
+    finally:
+        np.random.set_state(state)
+    return float(result["rougeL"].mid.fmeasure) * 100.0
+
+
+def japanese_rule(prediction: str, reference: str, detector: JapaneseDetector | None = None, *,
+                  metric: str = "robust") -> str:
+    """The prediction to score: ``""`` when the reference is Japanese and the prediction is not,
+    else the prediction unchanged. ``sakana``: fastText P(ja) >= 0.5 for the reference and
+    < 0.5 for the prediction; ``robust``: the character rule of :func:`is_japanese` (or
+    ``detector``)."""
+    if check_metric(metric) == "sakana":
+        blank = ja_probability(reference) >= 0.5 and ja_probability(prediction) < 0.5
+    else:
+        check = detector or is_japanese
+        blank = check(reference) and not check(prediction)
+    return "" if blank else prediction
+
+
+def rouge_scores(prediction: str, reference: str, *, require_japanese: bool = True,
+                 detector: JapaneseDetector | None = None, metric: str = "robust") -> dict:
+    """rouge_score's ``{type: Score}`` of one pair, after the Japanese rule when required."""
+    if require_japanese:
+        prediction = japanese_rule(prediction, reference, detector, metric=metric)
+    return _scorer().score(reference, prediction)
 
 
 def rouge_l(prediction: str, reference: str, *, require_japanese: bool = True,
-            detector: JapaneseDetector | None = None) -> float:
+            detector: JapaneseDetector | None = None, metric: str = "robust") -> float:
     """ROUGE-L F-measure x 100 (0..100) of ``prediction`` against ``reference`` on MeCab words.
 
     With ``require_japanese`` (the default, as in the paper) a non-Japanese prediction for a
     Japanese reference scores as the empty string, i.e. 0.
     """
-    if require_japanese:
-        prediction = japanese_rule(prediction, reference, detector)
-    return _scorer().score(reference, prediction)["rougeL"].fmeasure * 100.0
+    scores = rouge_scores(prediction, reference, require_japanese=require_japanese,
+                          detector=detector, metric=metric)
+    return scores["rougeL"].fmeasure * 100.0
+
+
+def aggregate(scores: list[dict], metric: str) -> float:
+    """ROUGE-L x 100 over items: bootstrap mid (``sakana``) or the plain mean (``robust``)."""
+    if check_metric(metric) == "sakana":
+        return bootstrap_mid(scores)
+    return sum(s["rougeL"].fmeasure for s in scores) * 100.0 / len(scores) if scores else 0.0
 
 
 def score_pairs(records: Iterable[dict], *, require_japanese: bool = True,
-                detector: JapaneseDetector | None = None) -> dict:
-    """Mean ROUGE-L of ``{"prediction", "reference"}`` records: ``{"rougeL": mean F x 100, "n"}``.
+                detector: JapaneseDetector | None = None, metric: str = "robust") -> dict:
+    """ROUGE-L of ``{"prediction", "reference"}`` records: ``{"rougeL": F x 100, "n"}``.
 
     ``output`` and ``answer`` are accepted for ``prediction`` and ``reference`` (the evaluator's
-    item fields). The mean is of per-item F-measures (no bootstrap); empty input gives 0.
+    item fields). ``metric`` picks the language rule and the aggregation (see the module
+    docstring); empty input gives 0.
     """
     scores = []
     for record in records:
         prediction = record.get("prediction", record.get("output", ""))
         reference = record.get("reference", record.get("answer", ""))
-        scores.append(rouge_l(str(prediction or ""), str(reference or ""),
-                              require_japanese=require_japanese, detector=detector))
-    return {"rougeL": sum(scores) / len(scores) if scores else 0.0, "n": len(scores)}
+        scores.append(rouge_scores(str(prediction or ""), str(reference or ""),
+                                   require_japanese=require_japanese, detector=detector,
+                                   metric=metric))
+    return {"rougeL": aggregate(scores, metric), "n": len(scores)}
 
 
-def score_file(path: str | Path, *, require_japanese: bool = True) -> dict:
+def score_file(path: str | Path, *, require_japanese: bool = True, metric: str = "robust") -> dict:
     """:func:`score_pairs` over a JSONL file whose lines have ``prediction`` and ``reference``
     (strings); errors name the file and line."""
     path = Path(path)
@@ -202,7 +224,7 @@ def score_file(path: str | Path, *, require_japanese: bool = True) -> dict:
             if row[key] is not None and not isinstance(row[key], str):
                 raise EvomergeError(f"{path}:{lineno}: field {key!r} must be a string, "
                                     f"got {type(row[key]).__name__}")
-    return score_pairs((row for _, row in rows), require_japanese=require_japanese)
+    return score_pairs((row for _, row in rows), require_japanese=require_japanese, metric=metric)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,6 +392,64 @@ def prepare_processor(processor: Any) -> Any:
     return processor
 
 
+def llava_view(model: Any) -> Any:
+    """The model as ``LlavaForConditionalGeneration`` sees it, the class Sakana evaluated
+    EvoVLM-JP and LLaVA-1.6 with: a LLaVA-NeXT model's vision tower, projector, language model
+    and head are shared (not copied) into a LLaVA model, and ``image_newline`` and the anyres
+    grid are dropped, as ``LlavaForConditionalGeneration.from_pretrained`` does with a
+    LLaVA-NeXT checkpoint. A LLaVA model is returned as it is."""
+    import torch
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+    )
+
+    if isinstance(model, LlavaForConditionalGeneration):
+        return model
+    if not isinstance(model, LlavaNextForConditionalGeneration):
+        raise EvomergeError(f"evaluator ja_vqa: model_class: llava needs a LLaVA or LLaVA-NeXT model, "
+                            f"got {type(model).__name__}")
+    fields = model.config.to_dict()
+    for key in ("model_type", "architectures", "image_grid_pinpoints", "transformers_version"):
+        fields.pop(key, None)
+    with torch.device("meta"):
+        view = LlavaForConditionalGeneration(LlavaConfig(**fields))
+    view.model.vision_tower = model.model.vision_tower
+    view.model.multi_modal_projector = model.model.multi_modal_projector
+    view.model.language_model = model.model.language_model
+    view.lm_head = model.lm_head
+    view.generation_config = model.generation_config
+    return view.train(model.training)
+
+
+def single_image_processor(processor: Any) -> Any:
+    """A ``LlavaProcessor`` for the LLaVA view: one resize + center crop at the vision tower's
+    resolution (a ``CLIPImageProcessor`` with the LLaVA-NeXT processor's size, crop, resampling
+    and normalisation), so each image is ``(crop / patch)^2`` tokens instead of anyres tiles.
+    A processor that already makes single images is returned as it is."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = processor.image_processor
+    if not hasattr(image_processor, "image_grid_pinpoints"):
+        return processor
+    clip = CLIPImageProcessor(
+        size=dict(image_processor.size), crop_size=dict(image_processor.crop_size),
+        resample=image_processor.resample, do_resize=image_processor.do_resize,
+        do_center_crop=image_processor.do_center_crop, do_rescale=image_processor.do_rescale,
+        rescale_factor=image_processor.rescale_factor, do_normalize=image_processor.do_normalize,
+        image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+        do_convert_rgb=image_processor.do_convert_rgb)
+    return LlavaProcessor(
+        image_processor=clip, tokenizer=processor.tokenizer, patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        chat_template=getattr(processor, "chat_template", None), image_token=processor.image_token,
+        num_additional_image_tokens=getattr(processor, "num_additional_image_tokens", 0))
+
+
+MODEL_CLASSES = ("auto", "llava")
+
+
 class JaVQAEvaluator:
     """Japanese VQA ROUGE-L of a LLaVA / LLaVA-NeXT model (the EvoVLM-JP metric).
 
@@ -378,6 +458,11 @@ class JaVQAEvaluator:
     - ``data``: a data spec (``path``/``hub``, ``config``, ``split``..., see :func:`load_examples`)
       or the same keys at top level; ``limit``, ``offset`` and the ``*_field`` names may sit at
       top level too.
+    - ``metric``: ``robust`` (default) or ``sakana`` (see the module docstring); the score uses
+      it, and items and metrics carry both readings (``rougeL_sakana``, ``rougeL_robust``).
+    - ``model_class``: ``auto`` (default: the model as built, LLaVA-NeXT with anyres tiles) or
+      ``llava`` (Sakana's ``LlavaForConditionalGeneration``: see :func:`llava_view` and
+      :func:`single_image_processor`).
     - ``prompt``: ``"chat"`` (the processor's chat template; the default when it has one),
       ``"plain"`` (``USER: <image>\\n{question} ASSISTANT:``, the default otherwise),
       ``"ja-shisa-vqa"`` (Sakana's EvoVLM-JP prompt), or your own template with ``{question}``
@@ -386,12 +471,12 @@ class JaVQAEvaluator:
     - ``num_beams`` (5), ``repetition_penalty`` (1.5), ``max_new_tokens`` (512),
       ``batch_size`` (4): the generation settings of Sakana's evaluation.
     - ``require_japanese`` (true): the score applies the Japanese rule; false scores any language.
-    - ``language_model``: path of fastText ``lid.176.bin`` for the language check (default: the
-      kana/kanji character rule).
+    - ``language_model``: a fastText model file for the robust reading's language check
+      (default: the kana/kanji character rule).
 
     Examples and the processor are loaded once, here; each call only generates and scores.
-    Items carry ``prompt``, ``question``, ``output``, ``reference``, ``rougeL`` and ``correct``
-    (``rougeL > 0``).
+    Items carry ``prompt``, ``question``, ``output``, ``reference``, ``rougeL`` (and
+    ``rougeL_<other metric>``), ``correct`` (``rougeL > 0``) and ``japanese``.
     """
 
     name = "ja_vqa"
@@ -399,6 +484,11 @@ class JaVQAEvaluator:
     def __init__(self, spec: dict, tokenizer_source: str | Path | None = None, *,
                  processor: Any = None):
         self.spec = spec
+        self.metric = check_metric(spec.get("metric", "robust"), "evaluator ja_vqa: metric")
+        self.model_class = spec.get("model_class", "auto")
+        if self.model_class not in MODEL_CLASSES:
+            raise EvomergeError(f"evaluator ja_vqa: model_class {self.model_class!r} is unknown "
+                                f"(use one of: {', '.join(MODEL_CLASSES)})")
         self.examples = load_examples(spec)
         self.num_beams = int(spec.get("num_beams", 5))
         self.repetition_penalty = float(spec.get("repetition_penalty", 1.5))
@@ -414,6 +504,8 @@ class JaVQAEvaluator:
                 raise EvomergeError("evaluator ja_vqa: no processor (give the VLM folder to take it from)")
             processor = load_processor(source)
         self.processor = prepare_processor(processor)
+        if self.model_class == "llava":
+            self.processor = single_image_processor(self.processor)
         self.prompts = [self._render(ex["question"]) for ex in self.examples]
 
     def _render(self, question: str) -> str:
@@ -434,6 +526,19 @@ class JaVQAEvaluator:
         image_token = getattr(self.processor, "image_token", None) or "<image>"
         return format_prompt(question, str(template), image_token)
 
+    def generation_config(self, model: Any) -> Any:
+        """Beam search as Sakana's evaluation ran it (no sampling; beams, repetition penalty and
+        length from the spec)."""
+        from transformers import GenerationConfig
+
+        tokenizer = self.processor.tokenizer
+        return GenerationConfig(do_sample=False, num_beams=self.num_beams,
+                                repetition_penalty=self.repetition_penalty,
+                                max_new_tokens=self.max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=getattr(model.generation_config, "eos_token_id", None)
+                                or tokenizer.eos_token_id)
+
     def generate(self, model: Any, prompts: list[str], images: list[Any]) -> list[str]:
         """Answers to ``prompts`` (rendered, one image each) with beam search, in input order.
 
@@ -441,17 +546,10 @@ class JaVQAEvaluator:
         into the model's image tokens and pads on the left.
         """
         import torch
-        from transformers import GenerationConfig
 
-        tokenizer = self.processor.tokenizer
         device = next(model.parameters()).device
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        config = GenerationConfig(do_sample=False, num_beams=self.num_beams,
-                                  repetition_penalty=self.repetition_penalty,
-                                  max_new_tokens=self.max_new_tokens,
-                                  pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=getattr(model.generation_config, "eos_token_id", None)
-                                  or tokenizer.eos_token_id)
+        config = self.generation_config(model)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
         outputs = [""] * len(prompts)
         was_training = model.training
@@ -475,16 +573,25 @@ class JaVQAEvaluator:
         return outputs
 
     def __call__(self, runnable: Any) -> Result:
-        outputs = self.generate(runnable, self.prompts, [ex["image"] for ex in self.examples])
-        items = []
-        for prompt, example, output in zip(self.prompts, self.examples, outputs, strict=True):
-            score = rouge_l(output, example["answer"], require_japanese=self.require_japanese,
-                            detector=self.detector)
-            items.append({"prompt": prompt, "question": example["question"], "output": output,
-                          "reference": example["answer"], "rougeL": score, "correct": score > 0,
-                          "japanese": self.detector(output)})
-        n = len(items)
-        rouge = sum(it["rougeL"] for it in items) / n
-        rouge_any = score_pairs(items, require_japanese=False)["rougeL"]
-        metrics = {"rougeL": rouge, "rougeL_any": rouge_any, "n": float(n)}
-        return Result(score=rouge, metrics=metrics, items=items)
+        model = llava_view(runnable) if self.model_class == "llava" else runnable
+        outputs = self.generate(model, self.prompts, [ex["image"] for ex in self.examples])
+        items, per_metric = [], {}
+        for metric in (self.metric, *[m for m in METRICS if m != self.metric]):
+            per_metric[metric] = [rouge_scores(out, ex["answer"], require_japanese=self.require_japanese,
+                                               detector=self.detector, metric=metric)
+                                  for out, ex in zip(outputs, self.examples, strict=True)]
+        for i, (prompt, example, output) in enumerate(zip(self.prompts, self.examples, outputs, strict=True)):
+            item = {"prompt": prompt, "question": example["question"], "output": output,
+                    "reference": example["answer"]}
+            for metric, scores in per_metric.items():
+                suffix = "" if metric == self.metric else f"_{metric}"
+                item[f"rougeL{suffix}"] = scores[i]["rougeL"].fmeasure * 100.0
+            item["correct"] = item["rougeL"] > 0
+            item["japanese"] = (ja_probability(output) >= 0.5 if self.metric == "sakana"
+                                else self.detector(output))
+            items.append(item)
+        metrics = {f"rougeL_{m}": aggregate(scores, m) for m, scores in per_metric.items()}
+        metrics["rougeL"] = metrics[f"rougeL_{self.metric}"]
+        metrics["rougeL_any"] = score_pairs(items, require_japanese=False, metric=self.metric)["rougeL"]
+        metrics["n"] = float(len(items))
+        return Result(score=metrics["rougeL"], metrics=metrics, items=items)
