@@ -211,9 +211,9 @@ def test_evollm_recipes_build_the_paper_generation(tmp_path: Path, name: str) ->
 
 
 def test_evovlm_recipe_builds_sakanas_evaluation(tmp_path: Path) -> None:
-    from test_ja_vqa import vqa_file
-    from transformers import LlavaProcessor
+    from transformers import AutoModelForImageTextToText, LlavaProcessor
 
+    from tests.test_ja_vqa import vqa_file
     from tests.tiny import make_vlm_family
 
     recipe = load_recipe(RECIPES / "evovlm-jp.yaml")
@@ -223,8 +223,6 @@ def test_evovlm_recipe_builds_sakanas_evaluation(tmp_path: Path) -> None:
     assert evaluator.metric == "sakana" and evaluator.model_class == "llava"
     assert isinstance(evaluator.processor, LlavaProcessor)
     assert evaluator.prompts[0] == JA_SHISA_VQA.format(q="ab?")
-    from transformers import AutoModelForImageTextToText
-
     config = evaluator.generation_config(AutoModelForImageTextToText.from_pretrained(paths["vlm"]))
     assert (config.num_beams, config.repetition_penalty, config.max_new_tokens, config.do_sample) == (5, 1.5, 512, False)
 
@@ -234,10 +232,14 @@ def test_llava_class_on_a_llava_next_checkpoint(tmp_path: Path) -> None:
     .from_pretrained + one CLIP-style image does: the same answers as that class loaded from the
     checkpoint (image_newline and the anyres grid dropped), with (32 / 8)^2 = 16 image tokens
     per image instead of the anyres count."""
-    from test_ja_vqa import GEN, image, vqa_file
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+    )
 
     from evomerge.evaluators.ja_vqa import llava_view, single_image_processor
+    from tests.test_ja_vqa import GEN, image, vqa_file
     from tests.tiny import make_vlm_family
 
     paths = make_vlm_family(tmp_path / "m", kind="llava_next", seed=5)
