@@ -195,7 +195,7 @@ def score_ja_rouge(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", he
     """Mean ROUGE-L (F x 100, MeCab words) of saved VQA answers; non-Japanese answers score 0."""
     import json
 
-    from evomerge.evaluators.ja_vqa import score_file as score_rouge_file
+    from evomerge.evaluators.ja_rouge import score_file as score_rouge_file
 
     typer.echo(json.dumps(score_rouge_file(path, metric=metric.value), ensure_ascii=False))
 

@@ -16,16 +16,15 @@ from evomerge.evaluators.ja_math import (
     DEFAULT_PROMPT,
     DEFAULT_STOP,
     JaMathEvaluator,
-    JapaneseDetector,
     extract_answer,
     format_prompt,
     is_correct,
-    is_japanese,
     load_problems,
     score_file,
     score_responses,
     truncate_at_stop,
 )
+from evomerge.evaluators.langid import JapaneseDetector, is_japanese
 
 # ------------------------------------------------------------------ extraction
 

@@ -22,16 +22,14 @@ from safetensors.torch import load_file
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import load_evaluator
-from evomerge.evaluators.ja_vqa import (
-    JaVQAEvaluator,
-    format_prompt,
-    load_examples,
+from evomerge.evaluators.ja_rouge import (
     mecab_tokens,
     normalize_ja,
     rouge_l,
     score_file,
     score_pairs,
 )
+from evomerge.evaluators.ja_vqa import JaVQAEvaluator, format_prompt, load_examples
 from tests.reference import raw_vlm
 from tests.tiny import VLM_TEXT_VOCAB, make_vlm_family
 

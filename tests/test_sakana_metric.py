@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from evomerge.evaluators.ja_math import JaMathEvaluator, score_responses
-from evomerge.evaluators.ja_vqa import JaVQAEvaluator, rouge_l, score_pairs
+from evomerge.evaluators.ja_rouge import rouge_l, score_pairs
+from evomerge.evaluators.ja_vqa import JaVQAEvaluator
 from evomerge.evaluators.langid import ja_probability, lid176_path
 from evomerge.recipe import load_recipe
 

@@ -16,7 +16,10 @@ import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from evomerge.errors import EvomergeError
 
 
 @dataclass
@@ -123,3 +126,29 @@ def _new_cache(model: Any) -> Any:
         return DynamicCache(config=getattr(model, "config", None))
     except TypeError:  # older transformers: no config argument
         return DynamicCache()
+
+
+def load_pretrained(loader: Any, source: str | Path, what: str) -> Any:
+    """``loader.from_pretrained(source)`` with a one-line error naming ``what`` failed to load."""
+    try:
+        return loader.from_pretrained(str(source))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise EvomergeError(f"{what} {str(source)!r}: could not load ({type(e).__name__}: {first})") from None
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    """A tokenizer for batched generation: left padding, with a pad token (eos if none)."""
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(load_pretrained(AutoTokenizer, source, "tokenizer"))
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Set left padding and make sure a pad token exists (decoder-only batching needs both)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise EvomergeError("tokenizer has neither a pad nor an eos token; cannot batch")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -19,7 +19,7 @@ The scoring functions are pure and usable on their own, e.g. to re-score saved o
     (1000.0, 0.0)
     >>> is_correct("So the answer is 18.", 18)
     True
-    >>> is_japanese("So the answer is 18.")
+    >>> sakana_score("答え：４２", 42)["japanese"]    # fastText: P(ja) 0.01
     False
     >>> score_responses([{"response": "答えは18です。", "answer": 18},
     ...                  {"response": "The answer is 18.", "answer": 18}])
@@ -41,8 +41,13 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import Result
 from evomerge.evaluators.data import load_rows, read_jsonl
-from evomerge.evaluators.generation import Generated, greedy_generate
-from evomerge.evaluators.langid import ja_probability, load_fasttext
+from evomerge.evaluators.generation import (
+    Generated,
+    greedy_generate,
+    load_tokenizer,
+    prepare_tokenizer,
+)
+from evomerge.evaluators.langid import METRICS, JapaneseDetector, check_metric, ja_probability
 
 # --------------------------------------------------------------------------------------------
 # Answer extraction
@@ -110,70 +115,6 @@ def is_correct(response: str, answer: Any, *, rel_tol: float = 1e-6) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Language check
-# --------------------------------------------------------------------------------------------
-
-
-def _is_japanese_char(ch: str) -> bool:
-    cp = ord(ch)
-    return (
-        0x3040 <= cp <= 0x30FF  # hiragana, katakana (incl. ー)
-        or 0x31F0 <= cp <= 0x31FF  # katakana phonetic extensions
-        or 0x3400 <= cp <= 0x4DBF  # CJK extension A
-        or 0x4E00 <= cp <= 0x9FFF  # CJK unified ideographs
-        or 0xF900 <= cp <= 0xFAFF  # CJK compatibility ideographs
-        or 0xFF66 <= cp <= 0xFF9F  # half-width katakana
-        or 0x20000 <= cp <= 0x3134F  # CJK extensions B..G
-        or ch in "々〆〇ヵヶ"
-    )
-
-
-def japanese_ratio(text: str) -> float | None:
-    """Share of kana/kanji among the letters of ``text`` (None when it has no letters).
-
-    Letters are characters of Unicode category L*; digits, punctuation, spaces and symbols do
-    not count, so ``"答えは18です。"`` is all Japanese and ``"18 + 6 = 24"`` has no letters.
-    """
-    letters = [ch for ch in normalize_text(text) if unicodedata.category(ch).startswith("L")
-               or ch in "〇"]
-    if not letters:
-        return None
-    return sum(_is_japanese_char(ch) for ch in letters) / len(letters)
-
-
-def is_japanese(text: str, threshold: float = 0.5) -> bool:
-    """Whether kana/kanji make up at least ``threshold`` of the letters of ``text``
-    (the offline stand-in for fastText's language id). Text without letters is not Japanese."""
-    ratio = japanese_ratio(text)
-    return ratio is not None and ratio >= threshold
-
-
-class JapaneseDetector:
-    """The ``robust`` language check: the character rule of :func:`is_japanese`, or, with
-    ``model_path`` (a fastText model such as ``lid.176.bin``), P(ja) > 0.5 on the text with
-    whitespace collapsed. Nothing is ever downloaded."""
-
-    def __init__(self, model_path: str | Path | None = None, threshold: float = 0.5):
-        self.threshold = threshold
-        self.model_path = None if model_path is None else str(Path(model_path).expanduser())
-        if self.model_path is not None:
-            if not Path(self.model_path).is_file():
-                raise EvomergeError(f"language-id model {str(model_path)!r} does not exist "
-                                    "(drop the option to use the character rule)")
-            load_fasttext(self.model_path)
-
-    @property
-    def method(self) -> str:
-        return "fasttext" if self.model_path is not None else "characters"
-
-    def __call__(self, text: str) -> bool:
-        if self.model_path is None:
-            return is_japanese(text, self.threshold)
-        line = " ".join(text.split())
-        return bool(line) and ja_probability(line, self.model_path) > 0.5
-
-
-# --------------------------------------------------------------------------------------------
 # Sakana's reading (metric: sakana)
 # --------------------------------------------------------------------------------------------
 
@@ -203,16 +144,6 @@ def robust_score(response: str, answer: Any, detector: JapaneseDetector | None =
     """The ``robust`` reading of one response: ``predicted``, ``correct``, ``japanese``."""
     return {"predicted": extract_answer(response), "correct": is_correct(response, answer),
             "japanese": (detector or JapaneseDetector())(response)}
-
-
-METRICS = ("robust", "sakana")
-
-
-def check_metric(metric: str, where: str = "evaluator metric") -> str:
-    """``metric`` if it is a known reading, else a one-line error."""
-    if metric not in METRICS:
-        raise EvomergeError(f"{where}: {metric!r} is not a metric (use one of: {', '.join(METRICS)})")
-    return metric
 
 
 def score_item(response: str, answer: Any, metric: str,
@@ -362,32 +293,6 @@ def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------
 # The evaluator
 # --------------------------------------------------------------------------------------------
-
-
-def load_pretrained(loader: Any, source: str | Path, what: str) -> Any:
-    """``loader.from_pretrained(source)`` with a one-line error naming ``what`` failed to load."""
-    try:
-        return loader.from_pretrained(str(source))
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise EvomergeError(f"{what} {str(source)!r}: could not load ({type(e).__name__}: {first})") from None
-
-
-def load_tokenizer(source: str | Path) -> Any:
-    """A tokenizer for batched generation: left padding, with a pad token (eos if none)."""
-    from transformers import AutoTokenizer
-
-    return prepare_tokenizer(load_pretrained(AutoTokenizer, source, "tokenizer"))
-
-
-def prepare_tokenizer(tokenizer: Any) -> Any:
-    """Set left padding and make sure a pad token exists (decoder-only batching needs both)."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise EvomergeError("tokenizer has neither a pad nor an eos token; cannot batch")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 class JaMathEvaluator:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from evomerge.evaluators.ja_math import is_correct, is_japanese
+from evomerge.evaluators.ja_math import is_correct
+from evomerge.evaluators.langid import is_japanese
 from evomerge.miniworld.tasks import Example
 
 
