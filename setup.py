@@ -2,10 +2,23 @@
 is configured in pyproject.toml. The kernels are optional: if they fail to build, the package
 installs anyway and merges run on the (slower, bit-identical) torch code."""
 
+import os
+import shutil
 import sysconfig
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """Ships the repository's recipes/ (recipes, templates, prompt files) as evomerge/recipes,
+    where an installed evomerge finds them."""
+
+    def run(self) -> None:
+        super().run()
+        shutil.copytree("recipes", Path(self.build_lib) / "evomerge" / "recipes", dirs_exist_ok=True)
 
 
 class BuildKernels(build_ext):
@@ -23,8 +36,11 @@ class BuildKernels(build_ext):
         super().build_extensions()
 
 
+KERNELS = [Extension("evomerge.merging._kernels", ["evomerge/merging/_kernels.c"],
+                     depends=["evomerge/merging/_kernels_body.h"], optional=True)]
+
 setup(
-    ext_modules=[Extension("evomerge.merging._kernels", ["evomerge/merging/_kernels.c"],
-                           depends=["evomerge/merging/_kernels_body.h"], optional=True)],
-    cmdclass={"build_ext": BuildKernels},
+    # EVOMERGE_KERNELS=0 at build time: a pure-Python build (merges run the torch code)
+    ext_modules=[] if os.environ.get("EVOMERGE_KERNELS") == "0" else KERNELS,
+    cmdclass={"build_ext": BuildKernels, "build_py": BuildPy},
 )

@@ -11,15 +11,20 @@ import typer
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.hub import require_hub
 
+# plain click help: flags read --force/--no-force, and logs get no box drawing
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Breed models by merging: evolutionary search over merge recipes.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Work with recipes.")
 app.add_typer(recipe_app, name="recipe")
 
 Device = Annotated[str, typer.Option(help="where merges run: cpu, cuda, cuda:1 (default: cuda if available)")]
-AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="load .bin/.pt pickle checkpoints (can run code)")]
-TrustCode = Annotated[bool, typer.Option("--trust-remote-code", help="allow model code from the Hub")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle/--no-allow-pickle", help="load .bin/.pt pickle checkpoints (can run code)")]
+PushToHub = Annotated[str | None, typer.Option(
+    metavar="repo", help="then upload the folder to this Hub model repo (owner/name; HF_TOKEN)")]
+TrustCode = Annotated[bool, typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow model code from the Hub")]
 
 
 class TieOrder(str, Enum):
@@ -43,25 +48,37 @@ def recipe_and_values(path: Path):
         from evomerge.pipelines.evolve import best_values
 
         return load_recipe(path / "recipe.yaml"), best_values(path)
-    return load_recipe(path), {}
+    return load_recipe(recipe_file(path)), {}
+
+
+def recipe_file(path: Path) -> Path:
+    from evomerge.shipped import recipe_file as shipped_or_given
+
+    return shipped_or_given(path)
 
 
 @app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="evomerge recipe or mergekit YAML (fixed values)")],
     out: Annotated[Path, typer.Option("--out", help="output folder")],
-    force: Annotated[bool, typer.Option("--force", help="replace a non-empty output folder")] = False,
+    force: Annotated[bool, typer.Option("--force/--no-force", help="replace a non-empty output folder")] = False,
     device: Device = "",
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
+    push_to_hub: PushToHub = None,
     tie_order: Annotated[TieOrder | None, typer.Option(
         "--tie-order", help="TIES magnitude ties at the top-k threshold: lowest index first "
         "(index) or as mergekit breaks them (mergekit); overrides the recipe")] = None,
 ) -> None:
-    """Merge models once, with the values the recipe fixes, into a folder stock loaders read."""
+    """Merge models once, with the values the recipe fixes, into a folder stock loaders read.
+
+    Example: evomerge merge examples/ties.yaml --out merged/ (or a run folder: its best values)
+    """
     from evomerge.pipelines.merge import merge_to_folder, open_session
 
     recipe, values = recipe_and_values(config)
+    if push_to_hub:
+        require_hub(f"--push-to-hub {push_to_hub}")
     if recipe.dfs is not None:  # a DFS run folder: write its best path as a stock checkpoint
         from evomerge.merging.dfs import DFSCandidates
 
@@ -71,6 +88,7 @@ def merge(
                                    trust_remote_code=trust_remote_code)
         candidates.export(values, out, force=force)
         typer.echo(f"wrote {out}")
+        pushed(out, push_to_hub)
         return
     if tie_order is not None:
         recipe.merge.tie_order = tie_order.value
@@ -78,14 +96,25 @@ def merge(
                            trust_remote_code=trust_remote_code)
     merge_to_folder(session, out, values, force=force)
     typer.echo(f"wrote {out}")
+    pushed(out, push_to_hub)
+
+
+def pushed(folder: Path, repo: str | None) -> None:
+    if repo:
+        from evomerge.hub import push_folder
+
+        typer.echo(f"pushed to {push_folder(folder, repo)}")
 
 
 @recipe_app.command("export")
 def recipe_export(
     recipe_path: Annotated[Path, typer.Argument(help="a recipe file")],
-    mergekit: Annotated[bool, typer.Option("--mergekit", help="write mergekit's YAML")] = True,
+    mergekit: Annotated[bool, typer.Option("--mergekit/--no-mergekit", help="write mergekit's YAML")] = True,
 ) -> None:
-    """Print a parameter-space recipe as mergekit YAML."""
+    """Print a parameter-space recipe as mergekit YAML.
+
+    Example: evomerge recipe export runs/evollm-jp-ps > best-mergekit.yaml
+    """
     from evomerge.recipe import to_mergekit
 
     recipe, values = recipe_and_values(recipe_path)
@@ -99,7 +128,10 @@ def demo(
     cache_dir: Annotated[Path | None, typer.Option(help="built worlds (default ~/.cache/evomerge/miniworld)")] = None,
     trials: Annotated[int | None, typer.Option(help="trials (default: the recipe's)")] = None,
 ) -> None:
-    """The mini-world: an evolved merge beats its sources and fixed merges on held-out data, on a CPU."""
+    """The mini-world: an evolved merge beats its sources and fixed merges on held-out data, on a CPU.
+
+    Example: evomerge demo --seed 1 --run-dir runs/mw1
+    """
     from evomerge.pipelines.demo import run_demo
 
     run_demo(seed=seed, run_dir=run_dir, cache_dir=cache_dir, trials=trials)
@@ -107,29 +139,43 @@ def demo(
 
 @app.command()
 def evolve(
-    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="evomerge recipe with merge.search and evaluator")],
+    recipe_path: Annotated[Path, typer.Argument(metavar="recipe", help="evomerge recipe with merge.search and evaluator")],
     trials: Annotated[int | None, typer.Option(help="total finished trials to reach (resumes)")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage: a database URL, or journal:PATH (default: SQLite in the run folder)")] = None,
     sampler: Annotated[str | None, typer.Option(help="cmaes (default), random or tpe")] = None,
-    export_best: Annotated[bool, typer.Option("--export-best", help="write the best model to RUN/best")] = False,
+    export_best: Annotated[bool, typer.Option("--export-best/--no-export-best", help="write the best model to RUN/best")] = False,
+    push_to_hub: PushToHub = None,
     device: Device = "",
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
 ) -> None:
-    """Search merge values with CMA-ES, scoring each trial's merged model; rerun to resume."""
+    """Search merge values with CMA-ES, scoring each trial's merged model; rerun to resume.
+
+    Example: evomerge evolve recipes/evollm-jp-ps.yaml --trials 200 --export-best
+    """
     from evomerge.pipelines.evolve import Evolution
 
-    evo = Evolution(recipe_path, run_dir=run_dir, storage=storage, sampler=sampler,
+    if push_to_hub and not export_best:
+        raise EvomergeError("--push-to-hub uploads the exported best model: add --export-best")
+    if push_to_hub:
+        require_hub(f"--push-to-hub {push_to_hub}")
+    evo = Evolution(recipe_file(recipe_path), run_dir=run_dir, storage=storage, sampler=sampler,
                     device=device or default_device(), allow_pickle=allow_pickle,
                     trust_remote_code=trust_remote_code)
     outcome = evo.run(trials, export_best=export_best)
-    typer.echo(f"best score {outcome.best_value} in {outcome.run_dir} (values in best.json)")
+    score = "none (no trial completed)" if outcome.best_value is None else f"{outcome.best_value:.4g}"
+    typer.echo(f"best score {score} in {outcome.run_dir} (values in best.json)")
+    if push_to_hub and outcome.best_values:
+        pushed(outcome.run_dir / "best", push_to_hub)
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run folder written by evolve")]) -> None:
-    """Plots and tables of a run: history, chosen values, summary, dashboard command."""
+    """Plots and tables of a run: history, chosen values, summary, dashboard command.
+
+    Example: evomerge report runs/miniworld (then open runs/miniworld/report/summary.html)
+    """
     from evomerge.pipelines.report import write_report
 
     files = write_report(run_dir)
@@ -140,10 +186,13 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder written by
 
 @app.command()
 def plan(
-    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    recipe_path: Annotated[Path, typer.Argument(metavar="recipe")],
+    as_json: Annotated[bool, typer.Option("--json/--no-json", help="print JSON")] = False,
 ) -> None:
-    """What a recipe costs, from configs only: searched values, population, memory."""
+    """What a recipe costs, from configs only: searched values, population, memory.
+
+    Example: evomerge plan recipes/evollm-jp-ps.yaml (or a shipped recipe by name: evollm-jp-ps)
+    """
     import json
 
     from rich.console import Console
@@ -152,14 +201,31 @@ def plan(
     from evomerge.pipelines.plan import make_plan
     from evomerge.recipe import load_recipe
 
-    p = make_plan(load_recipe(recipe_path)).as_dict()
+    p = make_plan(load_recipe(recipe_file(recipe_path))).as_dict()
     if as_json:
         typer.echo(json.dumps(p, indent=2))
         return
     table = Table(title=f"plan: {p['recipe']}", show_header=False)
     for k, v in p.items():
-        table.add_row(k.replace("_", " "), str(v))
+        table.add_row(*plan_row(k, v))
     Console().print(table)
+
+
+def plan_row(key: str, value) -> tuple[str, str]:
+    """A plan entry for people: parameter counts in K/M/B, memory in GiB, notes one per line."""
+    label = key.removesuffix("_gb").replace("_", " ")
+    if key.endswith("_gb"):
+        return label, f"{value:,.2f} GiB"
+    if "parameters" in key and isinstance(value, int):
+        for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if value >= size:
+                return label, f"{value / size:.1f} {unit} params"
+        return label, f"{value} params"
+    if isinstance(value, list):
+        return label, "\n".join(map(str, value)) or "-"
+    if isinstance(value, bool):
+        return label, "yes" if value else "no"
+    return label, str(value)
 
 
 score_app = typer.Typer(no_args_is_help=True, help="Re-score saved outputs without a model.")
@@ -179,9 +245,12 @@ MetricOption = Annotated[Metric, typer.Option(
 
 
 @score_app.command("ja-math")
-def score_ja_math(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with response and answer")],
+def score_ja_math(path: Annotated[Path, typer.Argument(metavar="file.jsonl", help="lines with response and answer")],
                   metric: MetricOption = Metric.robust) -> None:
-    """Accuracy of saved responses: last number, and Japanese-only (the paper's score)."""
+    """Accuracy of saved responses: last number, and Japanese-only (the paper's score).
+
+    Example: evomerge score ja-math responses.jsonl --metric sakana
+    """
     import json
 
     from evomerge.evaluators.ja_math import score_file
@@ -190,9 +259,12 @@ def score_ja_math(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", hel
 
 
 @score_app.command("ja-rouge")
-def score_ja_rouge(path: Annotated[Path, typer.Argument(metavar="FILE.jsonl", help="lines with prediction and reference")],
+def score_ja_rouge(path: Annotated[Path, typer.Argument(metavar="file.jsonl", help="lines with prediction and reference")],
                    metric: MetricOption = Metric.robust) -> None:
-    """Mean ROUGE-L (F x 100, MeCab words) of saved VQA answers; non-Japanese answers score 0."""
+    """Mean ROUGE-L (F x 100, MeCab words) of saved VQA answers; non-Japanese answers score 0.
+
+    Example: evomerge score ja-rouge answers.jsonl
+    """
     import json
 
     from evomerge.evaluators.ja_rouge import score_file as score_rouge_file
@@ -210,7 +282,10 @@ def score_clip(
     checkpoint: Annotated[Path | None, typer.Option(help="weights for --model-config")] = None,
     device: Annotated[str, typer.Option(help="where CLIP runs (default: cuda if available)")] = "",
 ) -> None:
-    """CLIP score of existing images: mean of 100 x max(cos(image, prompt), 0)."""
+    """CLIP score of existing images: mean of 100 x max(cos(image, prompt), 0).
+
+    Example: evomerge score clip --images runs/evosdxl-jp/images/best --prompts recipes/prompts/ja-prompts.txt
+    """
     import json
 
     from evomerge.evaluators.clip_score import load_clip, score_folder
@@ -224,13 +299,16 @@ def score_clip(
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="model folder, Hub id or SDXL single file")],
-    as_json: Annotated[bool, typer.Option("--json", help='print {"groups": {tensor: group}}')] = False,
+    model: Annotated[str, typer.Argument(metavar="model", help="model folder, Hub id or SDXL single file")],
+    as_json: Annotated[bool, typer.Option("--json/--no-json", help='print {"groups": {tensor: group}}')] = False,
     modality: Annotated[str | None, typer.Option(help="causal_lm, vlm or sdxl (default: from the config)")] = None,
     grouping: Annotated[str, typer.Option(help="sdxl: blocks, attn_other or blocks_attn_other")] = "blocks",
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Every tensor of a model with its shape and merge group, before writing a recipe."""
+    """Every tensor of a model with its shape and merge group, before writing a recipe.
+
+    Example: evomerge inspect stabilityai/stable-diffusion-xl-base-1.0 --grouping attn_other
+    """
     import json
 
     from evomerge.pipelines.inspect import inspect_model
@@ -251,7 +329,32 @@ def inspect(
     Console().print(table)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from evomerge import __version__
+
+        typer.echo(f"evomerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="print the version and exit")] = False) -> None:
+    """Breed models by merging: evolutionary search over merge recipes."""
+
+
+def quiet_progress_bars() -> None:
+    """No third-party progress bars (model loading, downloads) in logs: a bar redrawn with \r
+    is one unreadable line in a file."""
+    import os
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub, transformers
+        os.environ.setdefault("TQDM_DISABLE", "1")  # datasets and other tqdm users
+
+
 def main() -> None:
+    quiet_progress_bars()
     try:
         app()
     except EvomergeError as e:

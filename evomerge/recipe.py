@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
+from evomerge.recipe_paths import resolve_recipe_paths, template_fields
 
 Scalar = bool | float | int
 
@@ -153,6 +154,8 @@ class Recipe(BaseModel):
     evaluator: dict[str, Any] | None = None
     baselines: list[dict[str, Any]] = Field(default_factory=list)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    root: str | None = Field(
+        None, description="folder that relative paths resolve against (default: the recipe file's)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -261,9 +264,13 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read an evomerge recipe or a mergekit YAML, with one-line errors naming the field."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as e:
         raise EvomergeError(f"{path}: cannot read ({e.strerror})") from None
+    if fields := template_fields(text):
+        raise EvomergeError(f"{path}: a template: set {', '.join(fields)} (evomerge demo fills it in)")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -271,6 +278,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if "merge_method" in data:
         data = from_mergekit(data)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise EvomergeError(_format_validation_error(path, e)) from None
+    return resolve_recipe_paths(recipe, path.parent)

@@ -17,7 +17,7 @@ Your own scoring function is one line of YAML away::
 
     evaluator: {kind: python, callable: "my_pkg.scoring:score", options: {n: 20}}
 
-where ``def score(model, n=20)`` returns a :class:`Result`, a plain number, or a dict with a
+(``my_pkg`` may sit beside the recipe: its folder is importable) where ``def score(model, n=20)`` returns a :class:`Result`, a plain number, or a dict with a
 ``"score"`` key (the other numeric values become metrics).
 
 New kinds register a factory ``(spec, tokenizer_source) -> Evaluator`` in :data:`EVALUATORS`,
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from evomerge.errors import EvomergeError
+from evomerge.recipe_paths import importable
 
 
 @dataclass
@@ -156,6 +157,8 @@ class PythonEvaluator:
         ref = spec.get("callable")
         if not ref or not isinstance(ref, str):
             raise EvomergeError("evaluator kind 'python': missing 'callable' (e.g. 'my_pkg.scoring:score')")
+        if spec.get("import_path"):  # the recipe's folder: a scoring module may sit beside it
+            importable(spec["import_path"])
         self.fn = import_object(ref, what="evaluator callable")
         if not callable(self.fn):
             raise EvomergeError(f"evaluator callable {ref!r} is not callable")

@@ -29,6 +29,7 @@ from evomerge.checkpoint import (
     read_tensor,
 )
 from evomerge.errors import EvomergeError, describe
+from evomerge.hub import not_cached, use_cache_if_offline
 
 # Files worth fetching from the Hub for a model folder (weights come as safetensors).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
@@ -42,11 +43,14 @@ def local_or_hub(ref: str, download: Callable[[str], Path]) -> Path:
         return path
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise EvomergeError(f"model {ref!r}: no such folder, and not a Hub id (owner/name)")
+    reason = use_cache_if_offline()
     try:
         return Path(download(ref))
     except EvomergeError:
         raise
     except Exception as e:  # network, auth, missing repo: all the same to the user
+        if reason:
+            raise not_cached(f"model {ref!r}", reason) from None
         raise EvomergeError(f"model {ref!r}: could not fetch from the Hub ({describe(e)}); "
                             "check the id, your network and HF_TOKEN, or pass a local folder") from None
 

@@ -26,11 +26,12 @@ RECIPE_NAME = "miniworld-llm.yaml"
 
 def template_path() -> Path:
     """The recipe template: the repository's recipes/ folder, or the installed package's copy."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "recipes" / RECIPE_NAME, here.parents[1] / "recipes" / RECIPE_NAME):
-        if candidate.exists():
-            return candidate
-    raise EvomergeError(f"recipe template {RECIPE_NAME} not found next to the package")
+    from evomerge.shipped import recipes_dir
+
+    path = recipes_dir() / RECIPE_NAME
+    if not path.is_file():
+        raise EvomergeError(f"recipe template {RECIPE_NAME} not found in {path.parent}")
+    return path
 
 
 def concrete_recipe(world: Path, seed: int, template: Path | None = None) -> str:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import optuna
 import torch
-import yaml
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
@@ -36,6 +35,7 @@ from evomerge.errors import EvomergeError, describe
 from evomerge.evaluators.base import Result, load_evaluator
 from evomerge.pipelines.candidates import make_candidates
 from evomerge.recipe import Recipe, load_recipe
+from evomerge.recipe_paths import pin_root, same_recipe
 
 INTERRUPTED = "interrupted"
 
@@ -197,8 +197,10 @@ class Evolution:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.trials.mkdir(exist_ok=True)
         text = recipe_path.read_text()
+        if recipe_path.resolve() != self.paths.recipe.resolve():
+            text = pin_root(text, recipe_path)
         if self.paths.recipe.exists():
-            if yaml.safe_load(self.paths.recipe.read_text()) != yaml.safe_load(text):
+            if not same_recipe(self.paths.recipe.read_text(), text):
                 raise EvomergeError(
                     f"{self.paths.root} holds a run of a different recipe; pass --run-dir for a new run")
         else:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.errors import EvomergeError, describe
+from evomerge.hub import not_cached, use_cache_if_offline
 from evomerge.merging.engine import parse_dtype
 from evomerge.merging.methods import get_method
 from evomerge.merging.space import SearchSpace
@@ -54,12 +55,15 @@ def config_folder(ref: str, subfolder: str | None) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path / subfolder if subfolder and (path / subfolder).is_dir() else path
+    reason = use_cache_if_offline()
     try:
         from huggingface_hub import hf_hub_download
 
         name = f"{subfolder}/config.json" if subfolder else "config.json"
         return Path(hf_hub_download(ref, name)).parent
     except Exception as e:
+        if reason:
+            raise not_cached(f"model {ref!r}", reason) from None
         raise EvomergeError(f"model {ref!r}: cannot read its config ({describe(e)})") from None
 
 
