@@ -179,8 +179,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder written by
     from evomerge.pipelines.report import write_report
 
     files = write_report(run_dir)
-    for key in ("history", "values", "summary", "html"):
-        typer.echo(f"{key}: {files[key]}")
+    typer.echo(f"report: {files['html']} (self-contained; Markdown: {files['summary']})")
     typer.echo(f"dashboard: optuna-dashboard {files['storage']}")
 
 

@@ -294,6 +294,11 @@ def test_evolve_generates_scores_and_exports(tmp_path: Path, world: dict[str, Pa
                    generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (FULL, FULL)
     assert "tiny-evosdxl" in (exported / "README.md").read_text()
+    # the report shows the best trial's images, embedded in its page
+    from evomerge.pipelines.report import write_report
+
+    page = write_report(tmp_path / "run")["html"].read_text()
+    assert "Images: best trial" in page and page.count("src='data:image/png;base64,") == 3
 
 
 def test_full_resolution_and_reference_term(tmp_path: Path, world: dict[str, Path]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -266,6 +267,9 @@ class Evolution:
             if name in done:
                 continue
             result = self._evaluate(self.candidates.apply_baseline(spec))
+            grids = getattr(self.evaluator, "grid_dir", None)  # image grids: the report shows each baseline's
+            if grids is not None and (grids / "latest.png").exists():
+                shutil.copyfile(grids / "latest.png", grids / f"baseline-{name}.png")
             done[name] = {"score": result.score, "metrics": result.metrics}
             write_json_atomic(self.paths.baselines, done)
             self.console.print(f"baseline [bold]{name}[/]: {result.score:.4f}")

@@ -1,26 +1,31 @@
-"""Plots and tables of a run: what a person looks at after (or during) a search.
+"""The report of a run: what a person reads after (or during) a search.
 
-``report/history.png``  score of every trial, best so far, baselines as lines
-``report/values.png``   heatmap of the best trial's values, group x (source, value)
-``report/summary.md``   sources, baselines, best trial, timings (also as summary.html)
+    report/summary.html   one self-contained page (CSS inline, figures embedded)
+    report/summary.md     the same content in Markdown, linking the PNGs beside it
+    report/*.png          history, values, generations, importance (and image grids for SDXL)
+
+Everything comes from the run folder: the recipe, the study, baselines.json, best.json, the
+trial records, and test.json when the run scored a held-out split (``evomerge demo`` writes it),
+so a report can be rebuilt at any time without losing anything. Fields other tools add later
+(fitness cost, CMA-ES bookkeeping) are shown when present and not required.
 """
 
 from __future__ import annotations
 
-import html
 import json
+import math
+import shutil
 from pathlib import Path
 
-import matplotlib
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+from evomerge.errors import EvomergeError
+from evomerge.pipelines import report_page, report_plots
+from evomerge.pipelines.evolve import INTERRUPTED, RunPaths, default_popsize, open_storage
+from evomerge.recipe import Recipe, load_recipe
 
-from evomerge.errors import EvomergeError  # noqa: E402
-from evomerge.pipelines.evolve import RunPaths, open_storage  # noqa: E402
-from evomerge.recipe import load_recipe  # noqa: E402
+NOT_METRICS = {"merge_s", "eval_s", "total_s", "reason", "stopped"}
 
 
 def load_run(run_dir: Path):
@@ -35,91 +40,192 @@ def load_run(run_dir: Path):
     return recipe, study
 
 
-def value_grid(params: dict[str, float], granularity: str) -> tuple[list[str], list[str], list[list[float]]]:
-    """Rows (groups, or "all"), columns (source/value) and cells of a set of named values.
-
-    Per-group names start with the group (``layers.3/src/weight``, ``layers.3/t``); other names
-    (``src/weight``, ``t``) apply to all groups.
-    """
-    rows, cols, cells = [], [], {}
-    for name, v in params.items():
-        group, col = name.split("/", 1) if granularity == "per_group" else ("all", name)
-        rows += [group] if group not in rows else []
-        cols += [col] if col not in cols else []
-        cells[(group, col)] = v
-    return rows, cols, [[cells.get((r, c), float("nan")) for c in cols] for r in rows]
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def write_report(run_dir: Path) -> dict[str, Path]:
-    run_dir = Path(run_dir)
+def trial_state(t: FrozenTrial) -> str:
+    if t.state == TrialState.PRUNED or t.user_attrs.get("stopped"):
+        return "stopped"
+    if t.state == TrialState.FAIL:
+        return "interrupted" if t.user_attrs.get("reason") == INTERRUPTED else "failed"
+    return {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running"}.get(t.state, "waiting")
+
+
+def trial_metrics(run_dir: Path, t: FrozenTrial) -> dict[str, float]:
+    """A trial's metrics: from its record when there is one, else its numeric user attributes."""
+    record = _json(run_dir / "trials" / f"{t.number:05d}.json")
+    metrics = (record or {}).get("metrics") or {k: v for k, v in t.user_attrs.items() if k not in NOT_METRICS}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def metric_label(recipe: Recipe, score: float, metrics: dict[str, float]) -> str:
+    """The evaluator, and which of its metrics the score is (e.g. ``ja_math: accuracy_ja``)."""
+    spec = recipe.evaluator or {}
+    label = spec.get("callable") if spec.get("kind") == "python" else spec.get("kind", "score")
+    same = [k for k, v in metrics.items() if k != "score" and math.isclose(v, score, rel_tol=1e-9, abs_tol=1e-12)]
+    return f"{label}: {same[0]}" if same else str(label)
+
+
+def generation_of(t: FrozenTrial, popsize: int) -> int:
+    for key, v in t.system_attrs.items():
+        if key.endswith("generation") and isinstance(v, int):  # CMA-ES records it
+            return v
+    return t.number // popsize
+
+
+def importances(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
+    """PED-ANOVA importances (numpy only; fANOVA would need scikit-learn), or why there are none."""
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 10:
+        return None, f"parameter importance needs at least 10 completed trials ({len(complete)} so far)"
+    try:
+        return get_param_importances(study, evaluator=PedAnovaImportanceEvaluator()), ""
+    except Exception as e:  # a degenerate study (all scores equal...) has no importances
+        return None, f"parameter importance: not computable here ({type(e).__name__}: {e})"
+
+
+def sources(recipe: Recipe) -> list[tuple[str, str]]:
+    if recipe.dfs is not None:
+        return [(k, str(getattr(recipe.dfs, "model_" + k))) for k in ("a", "b")]
+    return ([("base", recipe.base)] if recipe.base else []) + [(m.label, m.model) for m in recipe.models]
+
+
+def timing_rows(run_dir: Path, trials: list[FrozenTrial], counts: dict[str, int]) -> list[tuple[str, str]]:
+    rows = [("trials", ", ".join(f"{n} {state}" for state, n in counts.items() if n))]
+    timed = [t for t in trials if "total_s" in t.user_attrs]
+    if timed:
+        total = sum(t.user_attrs["total_s"] for t in timed)
+        merge = sum(t.user_attrs.get("merge_s", 0.0) for t in timed)
+        evaluate = sum(t.user_attrs.get("eval_s", 0.0) for t in timed)
+        rows += [("time in trials", f"{total:.1f} s ({total / len(timed):.3f} s per trial)"),
+                 ("merge / evaluate / other", f"{merge / total:.1%} / {evaluate / total:.1%} / "
+                                              f"{max(total - merge - evaluate, 0) / total:.1%}" if total else "-")]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    if starts and ends:
+        wall = (max(ends) - min(starts)).total_seconds()
+        rows.append(("search wall time", f"{wall:.1f} s ({len(ends) / wall * 3600:.0f} trials per hour)"
+                     if wall > 0 else f"{wall:.1f} s"))
+    summary = _json(run_dir / "summary.json") or {}
+    for k, v in (summary.get("seconds") or {}).items():
+        rows.append((f"{k} (s)", f"{v}"))
+    for k, v in (summary.get("cost") or {}).items():  # the fitness cost summary, when recorded
+        rows.append((f"cost: {k}".replace("_", " "), report_page.fmt(v)))
+    for k, v in (_json(run_dir / "run.json") or {}).items():
+        if k not in ("storage", "study", "root") and isinstance(v, (int, float, str)):
+            rows.append((k.replace("_", " "), report_page.fmt(v)))
+    return rows
+
+
+def test_results(run_dir: Path) -> dict | None:
+    """test.json; runs made before it existed keep their held-out rows in demo.json."""
+    test = _json(run_dir / "test.json")
+    if test is None and (demo := _json(run_dir / "demo.json")) and "rows" in demo:
+        first = next(iter(demo["rows"].values()))
+        test = {"metrics": list(first["search"]), "rows": demo["rows"]}
+    if test is not None:
+        test.setdefault("note", "The search only ever saw the search split; the test split was scored "
+                                "once, after it.")
+    return test
+
+
+def gather(run_dir: Path, out: Path) -> dict:
+    """Everything the pages show, with the figures written to ``out``."""
     recipe, study = load_run(run_dir)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     if not done:
         raise EvomergeError(f"{run_dir}: no completed trial yet; nothing to report")
-    baselines = json.loads((run_dir / "baselines.json").read_text()) if (run_dir / "baselines.json").exists() else {}
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    xs = [t.number for t in done]
-    ys = [t.value for t in done]
-    best, running = [], float("-inf")
-    for y in ys:
-        running = max(running, y)
-        best.append(running)
-    ax.scatter(xs, ys, s=12, alpha=0.6, label="trial")
-    ax.plot(xs, best, color="C3", label="best so far")
-    for i, (name, b) in enumerate(baselines.items()):
-        ax.axhline(b["score"], linestyle="--", color=f"C{(i + 4) % 10}", label=f"baseline: {name}")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("score (search set)")
-    ax.set_title(f"{recipe.name}: optimisation history")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "history.png", dpi=120)
-    plt.close(fig)
-
-    bt = study.best_trial
+    best = max(done, key=lambda t: t.value)
+    best_metrics = trial_metrics(run_dir, best)
+    metric = metric_label(recipe, best.value, best_metrics)
+    baselines = _json(run_dir / "baselines.json") or {}
+    kinds = {b["name"]: ("source" if "source" in b else "fixed merge") for b in recipe.baselines}
+    rows = [{"model": f"baseline: {n}", "kind": kinds.get(n, "baseline"), "score": b["score"],
+             "metrics": b.get("metrics") or {}} for n, b in baselines.items()]
+    rows.append({"model": f"evolved (trial {best.number})", "kind": "evolved", "score": best.value,
+                 "metrics": best_metrics})
+    names = list(dict.fromkeys(k for r in rows for k, v in r["metrics"].items()
+                               if k != "score" and isinstance(v, (int, float)) and not isinstance(v, bool)))
+    counts = {s: 0 for s in ("complete", "stopped", "failed", "interrupted", "running")}
+    for t in trials:
+        counts[trial_state(t)] = counts.get(trial_state(t), 0) + 1
+    title = f"{recipe.name}: {metric} on the search split"
+    figures = [{"title": "Optimisation history", "caption": (
+        f"Every trial's {metric}; failed trials are marked below the lowest score, trials stopped early "
+        "with the score they had; dashed lines are the baselines."),
+        "path": report_plots.history(out / "history.png", [
+            {"number": t.number, "state": trial_state(t), "value": t.value if t.value is not None else
+             (max(t.intermediate_values.values()) if t.intermediate_values else None)}
+            for t in trials if trial_state(t) in ("complete", "failed", "stopped")],
+            {n: b["score"] for n, b in baselines.items()}, metric=metric, title=title)}]
+    notes: list[str] = []
     if recipe.dfs is not None:  # layer-path values: repetitions x layers
         from evomerge.merging.dfs import dfs_value_grid
 
-        rows, cols, grid = dfs_value_grid(bt.params, recipe)
+        figures.append({"title": "Best trial's layer path", "caption": "Indicators (> 0: the layer is kept) "
+                        "per repetition, and the hand-over scales.", "path": report_plots.grid_values(
+                            out / "values.png", *dfs_value_grid(best.params, recipe), title=f"trial {best.number}")})
     else:
-        rows, cols, grid = value_grid(bt.params, recipe.merge.granularity)
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(cols) + 2), max(2.5, 0.35 * len(rows) + 1.5)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
-    fig.colorbar(im, ax=ax)
-    ax.set_title(f"best trial {bt.number}: chosen values")
-    fig.tight_layout()
-    fig.savefig(out / "values.png", dpi=120)
-    plt.close(fig)
-
+        bounds = {k: tuple(v) for k, v in recipe.merge.search.items()}
+        g = recipe.merge.granularity
+        figures.append({"title": "Best trial's values", "caption": (
+            "Per layer group and source; each value kind is coloured on its own search bounds."),
+            "path": report_plots.values(out / "values.png", best.params, g, bounds, title=f"trial {best.number}")})
+        popsize = recipe.search.popsize or default_popsize(len(best.params))
+        generations = [(generation_of(t, popsize), t.params) for t in done]
+        if len({gen for gen, _ in generations}) > 1:
+            figures.append({"title": "Values over generations", "caption": (
+                "Mean over each generation's trials and layer groups, per source; the band spans the groups."),
+                "path": report_plots.generations(out / "generations.png", generations, g, bounds,
+                                                 title="how the search moved")})
+        else:
+            notes.append(f"values over generations: one generation so far (population {popsize})")
+    scores, why = importances(study)
+    if scores:
+        figures.append({"title": "Parameter importance", "caption": (
+            "Optuna's PED-ANOVA: how much each value separates the best 10% of trials from the rest."),
+            "path": report_plots.importance(out / "importance.png", scores, title="which values matter")})
+    else:
+        notes.append(why)
+    figures += image_grids(run_dir, out, baselines, best.value)
     storage = RunPaths(run_dir).storage().removeprefix("journal:")  # optuna-dashboard takes a journal's path
-    table = [("model", "score")] + [(f"baseline: {n}", f"{b['score']:.4f}") for n, b in baselines.items()]
-    table.append((f"evolved (trial {bt.number})", f"{bt.value:.4f}"))
-    failed = sum(1 for t in trials if t.state == TrialState.FAIL)
-    md = [f"# {recipe.name}", "",
-          f"{len(done)} completed trials, {failed} failed. Scores are on the search set.", "",
-          "| " + " | ".join(table[0]) + " |", "|---|---|"]
-    md += [f"| {a} | {b} |" for a, b in table[1:]]
-    md += ["", "## Sources", ""] + ([f"- base: `{recipe.base}`"] if recipe.base else [])
-    md += [f"- `{m.label}`: `{m.model}`" for m in recipe.models]
-    if recipe.dfs is not None:
-        md += [f"- `{k}`: `{getattr(recipe.dfs, 'model_' + k)}`" for k in ("a", "b")]
-    md += ["", "## Best values", "", "| value | chosen |", "|---|---|"]
-    md += [f"| `{k}` | {v:.4f} |" for k, v in bt.params.items()]
-    md += ["", "![history](history.png)", "", "![values](values.png)", "",
-           f"Open the Optuna dashboard: `optuna-dashboard {storage}`"]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-    rows_html = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in table[1:])
-    (out / "summary.html").write_text(
-        f"<!doctype html><meta charset='utf-8'><title>{html.escape(recipe.name)}</title>"
-        f"<h1>{html.escape(recipe.name)}</h1><p>{len(done)} completed trials, {failed} failed.</p>"
-        f"<table border=1><tr><th>model</th><th>score</th></tr>{rows_html}</table>"
-        f"<img src='history.png'><img src='values.png'>"
-        f"<p>Dashboard: <code>optuna-dashboard {html.escape(storage)}</code></p>\n")
-    return {"history": out / "history.png", "values": out / "values.png",
-            "summary": out / "summary.md", "html": out / "summary.html", "storage": storage}
+    counted = counts["complete"] + counts["failed"] + counts["stopped"]
+    return {"name": recipe.name, "metric": metric, "rows": rows, "metric_names": names,
+            "headline": f"{metric}, higher is better. {counted} trials ({recipe.search.sampler}), best: "
+                        f"trial {best.number} with {best.value:.4f}.",
+            "notes": notes, "test": test_results(run_dir), "sources": sources(recipe), "figures": figures,
+            "best": {"trial": best.number, "values": dict(best.params)},
+            "timing": timing_rows(run_dir, trials, counts), "recipe_text": (run_dir / "recipe.yaml").read_text(),
+            "dashboard": f"optuna-dashboard {storage}", "storage": storage}
+
+
+def image_grids(run_dir: Path, out: Path, baselines: dict, best_score: float) -> list[dict]:
+    """SDXL: the best evaluation's image grid, then each baseline's (evolve keeps a copy)."""
+    images = run_dir / "images"
+    state = _json(images / "best.json") or {}
+    best = "best trial" if math.isclose(state.get("score", math.nan), best_score, rel_tol=1e-6) else \
+        "best evaluation (a baseline outscored every trial)"
+    found = [(best, images / "best.png")] + [(f"baseline: {n}", images / f"baseline-{n}.png") for n in baselines]
+    figures = []
+    for label, path in found:
+        if path.is_file():
+            copy = out / f"images-{path.stem}.png"
+            shutil.copyfile(path, copy)
+            figures.append({"title": f"Images: {label}", "caption": "Each prompt with its fixed seed, "
+                            "as the evaluator sampled them.", "path": copy})
+    return figures
+
+
+def write_report(run_dir: Path) -> dict[str, Path]:
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    report = gather(run_dir, out)
+    (out / "summary.md").write_text(report_page.markdown(report))
+    (out / "summary.html").write_text(report_page.page(report))
+    files = {f["path"].stem: f["path"] for f in report["figures"]}
+    return {**files, "summary": out / "summary.md", "html": out / "summary.html", "storage": report["storage"]}
