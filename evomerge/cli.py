@@ -214,7 +214,7 @@ def plan_row(key: str, value) -> tuple[str, str]:
     """A plan entry for people: parameter counts in K/M/B, memory in GiB, notes one per line."""
     label = key.removesuffix("_gb").replace("_", " ")
     if key.endswith("_gb"):
-        return label, f"{value:,.2f} GiB"
+        return label, f"{value:,.2f} GiB" if value >= 1 else f"{value * 1024:.1f} MiB"
     if "parameters" in key and isinstance(value, int):
         for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
             if value >= size:

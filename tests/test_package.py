@@ -67,7 +67,7 @@ def test_wheel_in_a_fresh_venv_runs_version_plan_and_finds_its_recipes(llama_fp3
         "merge": {"method": "ties", "search": {"weight": [0, 1]}, "granularity": "per_group"}}))
     out = run("plan", str(recipe))
     assert out.returncode == 0, out.stderr
-    assert "searched values" in out.stdout and "K params" in out.stdout and "GiB" in out.stdout
+    assert "searched values" in out.stdout and "K params" in out.stdout and "MiB" in out.stdout
 
 
 def test_offline_plan_fails_at_once_with_one_line(tmp_path):
