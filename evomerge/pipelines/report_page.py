@@ -55,7 +55,7 @@ def test_table(test: dict) -> tuple[list[str], list[list[str]], list[str]]:
     rows, classes = [], []
     for name, r in test["rows"].items():
         cells = [fmt(r.get(split, {}).get(m)) for m in metrics for split in ("search", "test")]
-        rows.append([name, r.get("kind", "")] + cells)
+        rows.append([name, {"merge": "fixed merge"}.get(r.get("kind", ""), r.get("kind", ""))] + cells)
         classes.append("evolved" if r.get("kind") == "evolved" else "")
     return header, rows, classes
 
