@@ -306,10 +306,18 @@ def test_sequences_stop_on_their_own_and_match_generate(tiny_lm, problems_file):
     assert full.metrics["generated_tokens"] == produced and full.metrics["generate_seconds"] > 0
 
     stop = next(it["output"][2] for it in full.items if len(it["output"]) > 2)
-    stopped = JaMathEvaluator({**spec, "stop": [stop]}, tokenizer=tok)(tiny_lm)
+    rows: list[int] = []  # batch size of every forward pass
+    hook = tiny_lm.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        stopped = JaMathEvaluator({**spec, "stop": [stop]}, tokenizer=tok)(tiny_lm)
+    finally:
+        hook.remove()
     for f, c in zip(full.items, stopped.items, strict=True):
         assert c["output"] == truncate_at_stop(f["output"], [stop])
-    # rows that hit the stop string stopped generating: fewer tokens in all
+    # rows that hit the stop string left the batch: later passes ran on fewer rows
+    hit = sum(stop in f["output"] for f in full.items)
+    assert 0 < hit < 5 and rows[0] == 5 and min(rows) <= 5 - hit and rows == sorted(rows, reverse=True)
     assert stopped.metrics["generated_tokens"] < full.metrics["generated_tokens"]
 
 

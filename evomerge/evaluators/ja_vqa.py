@@ -373,11 +373,11 @@ class JaVQAEvaluator:
     def __call__(self, runnable: Any) -> Result:
         model = llava_view(runnable) if self.model_class == "llava" else runnable
         outputs = self.generate(model, self.prompts, [ex["image"] for ex in self.examples])
-        items, per_metric = [], {}
-        for metric in (self.metric, *[m for m in METRICS if m != self.metric]):
-            per_metric[metric] = [rouge_scores(out, ex["answer"], require_japanese=self.require_japanese,
-                                               detector=self.detector, metric=metric)
-                                  for out, ex in zip(outputs, self.examples, strict=True)]
+        items = []
+        per_metric = {metric: [rouge_scores(out, ex["answer"], require_japanese=self.require_japanese,
+                                            detector=self.detector, metric=metric)
+                               for out, ex in zip(outputs, self.examples, strict=True)]
+                      for metric in METRICS}
         for i, (prompt, example, output) in enumerate(zip(self.prompts, self.examples, outputs, strict=True)):
             item = {"prompt": prompt, "question": example["question"], "output": output,
                     "reference": example["answer"]}
