@@ -80,7 +80,7 @@ def merge(
     if push_to_hub:
         require_hub(f"--push-to-hub {push_to_hub}")
     if recipe.dfs is not None:  # a DFS run folder: write its best path as a stock checkpoint
-        from evomerge.merging.dfs import DFSCandidates
+        from evomerge.pipelines.dfs import DFSCandidates
 
         if not values:
             raise EvomergeError(f"{config}: a dfs recipe fixes no path; pass the run folder evolve wrote")

@@ -18,7 +18,8 @@ from tiny import llama_config, perturbed, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from evomerge.errors import EvomergeError
-from evomerge.merging.dfs import DFSCandidates, DFSSpace, fold_problem
+from evomerge.merging.dfs import DFSSpace, fold_problem
+from evomerge.pipelines.dfs import DFSCandidates
 from evomerge.pipelines.evolve import Evolution
 from evomerge.recipe import Recipe, load_recipe
 
@@ -120,7 +121,7 @@ def test_unfoldable_scales_go_to_a_documented_module(pair, tmp_path, monkeypatch
 
     model = apply_dfs_scales(AutoModelForCausalLM.from_pretrained(out).eval(), out)
     assert rel_err(logits(model), expected) <= 1e-6
-    assert "not a known pre-norm" in fold_problem("gemma2", c.paths.path, c.paths.layers[0])
+    assert "not a known pre-norm" in fold_problem("gemma2", c.paths.path, c.paths.layer_tensors)
     c.spec.fold = "always"
     monkeypatch.setattr("evomerge.merging.dfs.FOLDABLE", set())
     with pytest.raises(EvomergeError, match="cannot fold"):
@@ -266,3 +267,20 @@ def test_pickle_checkpoints_refused_unless_allowed(tmp_path):
     with pytest.raises(EvomergeError, match="--allow-pickle"):
         DFSCandidates(dfs_recipe(pair))
     assert len(DFSCandidates(dfs_recipe(pair), allow_pickle=True).space) > 0
+
+
+def test_nothing_below_pipelines_imports_pipelines_or_cli():
+    """The layers of the package: merging/, modalities/ and evaluators/ never import upward
+    (not even lazily inside a function), so there is no import cycle to keep alive."""
+    import ast
+
+    package = TESTS.parent / "evomerge"
+    offenders = []
+    for layer in ("merging", "modalities", "evaluators"):
+        for path in sorted((package / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                offenders += [f"{path.name}: {n}" for n in names
+                              if n.startswith(("evomerge.pipelines", "evomerge.cli"))]
+    assert offenders == []

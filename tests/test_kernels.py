@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 
 from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
 from evomerge.errors import EvomergeError
-from evomerge.merging import kernels
-from evomerge.merging.methods import get_method, magnitude_histograms, subtract_base_, ties_prepare
+from evomerge.merging import fused, kernels
+from evomerge.merging.engine import subtract_base
+from evomerge.merging.fused import magnitude_histograms, ties_prepare
+from evomerge.merging.methods import get_method
 from evomerge.merging.threads import CHUNK, chunk_threads
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -32,6 +34,20 @@ def task_vectors(dtype, n=3, cols=CHUNK + 1000, seed=0):
     return deltas, base
 
 
+def torch_merge(name, stacked, base=None, **values):
+    """What the engine computes when the kernels do not take a merge: the method's torch
+    function, plus the base, rounded to the inputs' dtype."""
+    result = get_method(name)(stacked, **values)
+    return result if base is None else (base + result).to(stacked.dtype)
+
+
+def fused_merge(name, stacked, base=None, prepared=None, **values):
+    """The kernels' run of the same merge; they must take it (else this compares torch with torch)."""
+    got = fused.merge(get_method(name), stacked, values, base=base, prepared=prepared)
+    assert got is not None, "the kernels did not take this merge"
+    return got
+
+
 def test_the_kernels_are_built():
     # `pip install` compiles them (setup.py); a failed build would leave only the torch code
     assert kernels.available()
@@ -44,22 +60,17 @@ def test_the_kernels_are_built():
 @pytest.mark.parametrize("lam", [1.0, 0.7])
 def test_ties_kernel_equals_torch_bit_for_bit(dtype, normalize, lam):
     deltas, base = task_vectors(dtype)
-    ties = get_method("ties")
     cases = [([0.3, -0.2, 0.9], [0.5, 1.0, 0.3]), ([1.0, 1.0, 1.0], [0.0, 0.25, 0.999]),
              ([0.4, 0.4, 0.2], [1.0, 1.0, 1.0])]
-    assert kernels.supports(deltas)  # else this compares torch with torch
     for weight, density in cases:
-        with kernels.disabled():
-            expected = ties(deltas, weight, density, normalize=normalize, base=base,
-                            **{"lambda": lam})
-            expected_delta = ties(deltas, weight, density, normalize=normalize, **{"lambda": lam})
-        got = ties(deltas, weight, density, normalize=normalize, base=base, **{"lambda": lam})
+        values = {"weight": weight, "density": density, "normalize": normalize, "lambda": lam}
+        expected = torch_merge("ties", deltas, base, **values)
+        got = fused_merge("ties", deltas, base, **values)
         assert torch.equal(bits(got), bits(expected)), (weight, density)
-        got_delta = ties(deltas, weight, density, normalize=normalize, **{"lambda": lam})
-        assert torch.equal(bits(got_delta), bits(expected_delta))
+        got_delta = fused_merge("ties", deltas, **values)
+        assert torch.equal(bits(got_delta), bits(torch_merge("ties", deltas, **values)))
         with chunk_threads():  # chunks on threads, histograms in pieces: still the same bits
-            threaded = ties(deltas, weight, density, normalize=normalize, base=base,
-                            prepared=ties_prepare(deltas), **{"lambda": lam})
+            threaded = fused_merge("ties", deltas, base, prepared=ties_prepare(deltas), **values)
         assert torch.equal(bits(threaded), bits(expected))
 
 
@@ -71,11 +82,13 @@ def test_ties_kernel_on_real_shaped_values(dtype, n):
     base = torch.randn(300, 701, generator=g).to(dtype)
     models = [(base.float() + 0.01 * torch.randn(300, 701, generator=g)).to(dtype) for _ in range(n)]
     deltas = torch.stack(models) - base
-    weight = torch.rand(n, generator=g).tolist()
-    density = torch.rand(n, generator=g).tolist()
-    with kernels.disabled():
-        expected = get_method("ties")(deltas, weight, density, base=base)
-    assert torch.equal(bits(get_method("ties")(deltas, weight, density, base=base)), bits(expected))
+    values = {"weight": torch.rand(n, generator=g).tolist(), "density": torch.rand(n, generator=g).tolist()}
+    expected = torch_merge("ties", deltas, base, **values)
+    got = fused.merge(get_method("ties"), deltas, values, base=base)
+    if got is None:  # float32 beyond four sources: the engine runs torch
+        assert dtype == torch.float32 and n > fused.FUSED_FLOAT32_SOURCES
+    else:
+        assert torch.equal(bits(got), bits(expected))
 
 
 def same_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -92,28 +105,48 @@ def test_ties_kernel_with_nan_and_inf(dtype):
     deltas[2, 25:27] = -float("inf")
     deltas[0, 40:4000] = 0.0  # a threshold of zero magnitude: its ties sit among the NaNs' rows
     for density in ([0.5, 0.5, 0.5], [1.0, 0.3, 1.0], [0.2, 1.0, 0.6]):
-        with kernels.disabled():
-            expected = get_method("ties")(deltas, [0.5, 0.3, 0.9], density, base=base)
-        got = get_method("ties")(deltas, [0.5, 0.3, 0.9], density, base=base)
+        values = {"weight": [0.5, 0.3, 0.9], "density": density}
+        expected = torch_merge("ties", deltas, base, **values)
+        got = fused_merge("ties", deltas, base, **values)
         assert same_or_both_nan(got, expected), density
 
 
 def test_kernels_take_only_what_they_can():
-    """Other dtypes, broadcast or strided inputs, wrong weight counts: the torch code runs."""
+    """Other dtypes, broadcast or strided inputs, wrong weight counts, an option the kernels
+    lack: fused.merge declines (None) and the engine runs the torch code."""
     deltas, base = task_vectors(torch.bfloat16, cols=3000)
+    values = {"weight": [0.5, 0.3, 0.9], "density": [0.5] * 3}
+    expected = torch_merge("ties", deltas, base, **values)
+    strided = torch.stack([deltas, deltas], -1)[..., 0]  # columns two apart: copied, then fused
+    assert torch.equal(bits(fused_merge("ties", strided, base, **values)), bits(expected))
     ties = get_method("ties")
-    expected = ties(deltas, [0.5, 0.3, 0.9], [0.5] * 3, base=base)
-    strided = torch.stack([deltas, deltas], -1)[..., 0]  # columns two apart
-    assert torch.equal(bits(ties(strided, [0.5, 0.3, 0.9], [0.5] * 3, base=base)), bits(expected))
-    wide = ties(deltas, [0.5, 0.3, 0.9], [0.5] * 3, base=base.float())  # torch promotes
-    assert wide.dtype == torch.float32
+    assert fused.merge(ties, deltas, values, base=base.float()) is None
+    assert fused.merge(ties, deltas.double(), values) is None
+    assert fused.merge(ties, deltas, {**values, "tie_order": "mergekit"}, base=base) is None
+    short = {**values, "weight": [0.5, 0.3]}
+    assert fused.merge(ties, deltas, short, base=base) is None
     with pytest.raises(RuntimeError, match="size"):  # torch's error, not a read past the weights
-        ties(deltas, [0.5, 0.3], [0.5] * 3, base=base)
+        torch_merge("ties", deltas, base, **short)
     rows = deltas.clone().reshape(3, 60, 50).transpose(1, 2)  # not contiguous: torch, in place
     transposed_base = base.reshape(60, 50).t()
     expected_rows = rows - transposed_base
-    assert subtract_base_(rows, transposed_base) is rows
+    assert subtract_base(rows, transposed_base) is rows
     assert torch.equal(bits(rows), bits(expected_rows))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rescale", ["inverse", "l1"])
+def test_dare_ties_kernel_equals_torch(dtype, rescale):
+    from evomerge.merging.sparsify import rng_for
+
+    deltas, base = task_vectors(dtype, cols=20_000)
+
+    def values():  # fresh generators: each run draws the same masks
+        return {"weight": [0.5, 0.3, 0.9], "density": [0.5, 0.9, 0.2], "rescale": rescale,
+                "rng": [rng_for(1, "t", i) for i in range(3)]}
+
+    expected = torch_merge("dare_ties", deltas, base, **values())
+    assert torch.equal(bits(fused_merge("dare_ties", deltas, base, **values())), bits(expected))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -121,22 +154,42 @@ def test_kernels_take_only_what_they_can():
 def test_linear_kernel_equals_torch_bit_for_bit(dtype, normalize):
     g = torch.Generator().manual_seed(2)
     models = torch.randn(3, CHUNK + 333, generator=g).to(dtype)
-    weight = [0.3, 0.25, -0.4]
-    with kernels.disabled():
-        expected = get_method("linear")(models, weight, normalize=normalize)
-    got = get_method("linear")(models, weight, normalize=normalize)
-    assert torch.equal(bits(got), bits(expected))
+    values = {"weight": [0.3, 0.25, -0.4], "normalize": normalize}
+    expected = torch_merge("linear", models, **values)
+    assert torch.equal(bits(fused_merge("linear", models, **values)), bits(expected))
     with chunk_threads():
-        assert torch.equal(bits(get_method("linear")(models, weight, normalize=normalize)), bits(expected))
+        assert torch.equal(bits(fused_merge("linear", models, **values)), bits(expected))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_subtract_kernel_equals_torch(dtype):
+def test_task_vectors_in_chunks_equal_one_subtraction(dtype):
     deltas, base = task_vectors(dtype, cols=CHUNK * 2 + 5)
     expected = deltas - base
     with chunk_threads():
-        got = subtract_base_(deltas.clone(), base)
+        got = subtract_base(deltas.clone(), base)
     assert torch.equal(bits(got), bits(expected))
+
+
+def test_the_build_carries_this_abi_version():
+    import ctypes
+
+    lib = ctypes.CDLL(kernels.built_path())
+    assert lib.em_abi_version() == kernels.ABI_VERSION
+
+
+def test_a_stale_kernel_build_is_refused_with_a_warning():
+    """A build of another ABI (or one from before ABI versions) is never called: load() warns
+    and returns None, and the methods run their torch code."""
+    import ctypes.util
+
+    with pytest.warns(UserWarning, match=f"ABI {kernels.ABI_VERSION}, this evomerge needs "
+                                         f"{kernels.ABI_VERSION + 1}.*torch code"):
+        assert kernels.load(kernels.built_path(), abi_version=kernels.ABI_VERSION + 1) is None
+    libm = ctypes.util.find_library("m")  # a real shared library without em_abi_version
+    assert libm is not None
+    with pytest.warns(UserWarning, match="no ABI version"):
+        assert kernels.load(libm) is None
+    assert kernels.load(kernels.built_path()) is not None  # this build is current
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

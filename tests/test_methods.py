@@ -6,10 +6,9 @@ import pytest
 import reference as ref
 import torch
 
-from evomerge.merging.methods import (
-    METHODS,
+from evomerge.merging.methods import METHODS, get_method
+from evomerge.merging.sparsify import (
     dare_drop,
-    get_method,
     kth_largest_magnitude,
     magnitude_trim,
     rng_for,

@@ -37,6 +37,11 @@
 #define HOT
 #endif
 
+/* Bump whenever an exported function's name, arguments or meaning changes: kernels.py refuses a
+ * build whose em_abi_version() differs from its own ABI_VERSION (a stale .so), rather than call
+ * it with the wrong arguments. 2: em_sub removed, em_abi_version added. */
+#define EM_ABI_VERSION 2
+
 #define BLOCK 256        /* elements per step: all sources' floats stay in L1 */
 #define MAX_SOURCES 64
 
@@ -141,11 +146,6 @@ EXPORT int em_has_dtype(int dtype) { return dtype == EM_BF16 || dtype == EM_F32 
     }                                                                             \
     return -1;
 
-EXPORT int em_sub(int dtype, void *x, int64_t n_src, int64_t stride, const void *base,
-                  int64_t start, int64_t len) {
-    DISPATCH(sub, x, n_src, stride, base, start, len)
-}
-
 EXPORT int64_t em_tie_cut(int dtype, const void *x, int64_t n, int32_t bits, int64_t wanted,
                           int64_t total) {
     switch (dtype) {
@@ -174,6 +174,8 @@ EXPORT int em_linear(int dtype, int64_t n_src, const void *x, int64_t stride, vo
 }
 
 EXPORT int em_max_sources(void) { return MAX_SOURCES; }
+
+EXPORT int em_abi_version(void) { return EM_ABI_VERSION; }
 
 /* A real (empty) extension module, so the build tools treat this file like any other. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_kernels",

@@ -5,16 +5,6 @@
 #define CAT(a, b) CAT_(a, b)
 #define ROUND(f) LOAD(STORE(f)) /* round a float to the storage precision, as torch does per op */
 
-/* x[i] -= base for every source row i, columns [start, start + len). */
-static HOT void CAT(sub, SFX)(BITS *x, int64_t n_src, int64_t stride, const BITS *base,
-                               int64_t start, int64_t len) {
-    const BITS *b = base + start;
-    for (int64_t i = 0; i < n_src; i++) {
-        BITS *row = x + i * stride + start;
-        for (int64_t j = 0; j < len; j++) row[j] = STORE(LOAD(row[j]) - LOAD(b[j]));
-    }
-}
-
 /* How many of x[s, e) have magnitude bits equal to `bits`; 32-bit lanes keep it at memory speed. */
 static inline int64_t CAT(count_equal, SFX)(const BITS *x, int64_t s, int64_t e, int32_t bits) {
     uint32_t count = 0;

@@ -4,9 +4,10 @@ torch runs a merge op by op, one pass over memory each; TIES takes a dozen such 
 CPU keeps it far from the memory-bandwidth floor. These kernels do the same arithmetic in one
 pass, bit for bit (tests compare the two; ``_kernels.c`` has the fine print). They are built
 with the package (``setup.py``); where they are missing (installed from source without a C
-compiler) or switched off with ``EVOMERGE_KERNELS=0``, :func:`supports` is False and the
-methods run their torch code, which gives the same bits, only slower. GPU tensors always take
-the torch code.
+compiler), stale (a build of another ABI version: warned, never called) or switched off with
+``EVOMERGE_KERNELS=0``, :func:`supports` is False and the methods run their torch code, which
+gives the same bits, only slower. GPU tensors always take the torch code. ``fused.py`` plans
+the calls; this module only binds the C functions.
 
 Every function takes flat tensors: ``rows`` is ``(n_sources, n)`` with unit column stride (row
 ``i`` at ``rows[i]``), and works on columns ``[start, end)`` so callers can split the work
@@ -28,40 +29,68 @@ _CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # as in _kerne
 _I32, _I64, _F32, _PTR = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("EVOMERGE_KERNELS", "1") == "0":
-        return None
+ABI_VERSION = 2  # must equal EM_ABI_VERSION in _kernels.c: any other build is stale
+_SIGNATURES = {
+    "em_has_dtype": ([ctypes.c_int], ctypes.c_int),
+    "em_max_sources": ([], ctypes.c_int),
+    "em_histogram16": ([_PTR, _I64, _PTR], ctypes.c_int),
+    "em_tie_cut": ([ctypes.c_int, _PTR, _I64, _I32, _I64, _I64], _I64),
+    "em_ties": ([ctypes.c_int, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR,
+                 _I32, _F32, _I32], ctypes.c_int),
+    "em_linear": ([ctypes.c_int, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I32, _F32],
+                  ctypes.c_int),
+}
+
+
+def built_path() -> str | None:
+    """Where the compiled kernels of this package are (None: not built)."""
     spec = importlib.util.find_spec("evomerge.merging._kernels")
     if spec is None or not spec.origin or not spec.origin.endswith((".so", ".pyd", ".dylib")):
         return None
+    return spec.origin
+
+
+def load(path: str, abi_version: int = ABI_VERSION) -> ctypes.CDLL | None:
+    """The kernel library at ``path`` with its functions typed, or None (with a warning) when it
+    is not a build of this ABI: a stale build is never called with the wrong arguments."""
     try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:  # a damaged or foreign build: run torch (and warn) rather than fail
+        lib = ctypes.CDLL(path)
+    except OSError as e:  # a damaged or foreign build: run torch rather than fail
+        _warn_stale(path, f"it does not load ({e})")
         return None
-    signatures = {
-        "em_has_dtype": ([ctypes.c_int], ctypes.c_int),
-        "em_max_sources": ([], ctypes.c_int),
-        "em_histogram16": ([_PTR, _I64, _PTR], ctypes.c_int),
-        "em_tie_cut": ([ctypes.c_int, _PTR, _I64, _I32, _I64, _I64], _I64),
-        "em_sub": ([ctypes.c_int, _PTR, _I64, _I64, _PTR, _I64, _I64], ctypes.c_int),
-        "em_ties": ([ctypes.c_int, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR,
-                     _I32, _F32, _I32], ctypes.c_int),
-        "em_linear": ([ctypes.c_int, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I32, _F32],
-                      ctypes.c_int),
-    }
-    for name, (args, result) in signatures.items():
-        fn = getattr(lib, name, None)
-        if fn is None:  # a stale build from another version
-            return None
+    version = getattr(lib, "em_abi_version", None)
+    if version is None:
+        _warn_stale(path, "it has no ABI version (built before evomerge had one)")
+        return None
+    version.argtypes, version.restype = [], ctypes.c_int
+    if version() != abi_version:
+        _warn_stale(path, f"it is ABI {version()}, this evomerge needs {abi_version}")
+        return None
+    for name, (args, result) in _SIGNATURES.items():
+        fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib
+
+
+def _warn_stale(path: str, why: str) -> None:
+    warnings.warn(f"evomerge's fused CPU merge kernels at {path} are not usable: {why}. CPU merges "
+                  "run on torch code (same results, slower); rebuild them with `pip install -e .` or "
+                  "`python setup.py build_ext --inplace`.", stacklevel=3)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("EVOMERGE_KERNELS", "1") == "0":
+        return None
+    path = built_path()
+    return None if path is None else load(path)
 
 
 _LIB = _load()
 # what this build takes, read once (supports() runs for every tensor of every trial)
 _DTYPES = {d for d, code in _CODES.items() if _LIB is not None and _LIB.em_has_dtype(code)}
 _MAX_SOURCES = _LIB.em_max_sources() if _LIB is not None else 0
-_missing = _LIB is None and os.environ.get("EVOMERGE_KERNELS", "1") != "0"  # not built: warn
+# not built at all: warn at the first CPU merge (a stale build has warned already)
+_missing = built_path() is None and os.environ.get("EVOMERGE_KERNELS", "1") != "0"
 
 
 def warn_if_missing() -> None:
@@ -134,13 +163,6 @@ def tie_cut(flat: torch.Tensor, bits: int, wanted: int, total: int = -1) -> int:
     """The flat index just past the ``wanted``-th entry whose magnitude bits equal ``bits``;
     ``total``, the number of such entries when known, lets the scan start from the nearer end."""
     return int(_LIB.em_tie_cut(_CODES[flat.dtype], _flat(flat), flat.numel(), bits, wanted, total))
-
-
-def subtract(rows: torch.Tensor, base: torch.Tensor, start: int, end: int) -> None:
-    """In place: ``rows[i, start:end] -= base[start:end]`` for every row."""
-    ptr, stride = _pointer_and_stride(rows)
-    _check(_LIB.em_sub(_CODES[rows.dtype], ptr, rows.shape[0], stride, _flat(base), start,
-                       end - start), "sub")
 
 
 def ties(rows: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor, start: int, end: int,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evomerge.errors import EvomergeError
-from evomerge.merging.methods import MergeMethod
+from evomerge.merging.registry import MergeMethod
 from evomerge.recipe import Conditional, MergeSpec, Value
 
 

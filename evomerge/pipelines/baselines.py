@@ -14,7 +14,7 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merging.engine import MergeEngine
-from evomerge.merging.methods import get_method
+from evomerge.merging.registry import get_method
 from evomerge.merging.space import ValueTable
 
 

@@ -76,7 +76,7 @@ def make_candidates(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool =
     """The candidates a recipe describes: layer paths for a ``dfs:`` recipe (which may first evolve
     the PS study it chains), parameter-space merges otherwise."""
     if recipe.dfs is not None:
-        from evomerge.merging.dfs import DFSCandidates
+        from evomerge.pipelines.dfs import DFSCandidates
 
         return DFSCandidates(recipe, device=device, allow_pickle=allow_pickle,
                              trust_remote_code=trust_remote_code, console=console)

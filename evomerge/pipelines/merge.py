@@ -19,7 +19,7 @@ from evomerge import __version__
 from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
 from evomerge.errors import EvomergeError
 from evomerge.merging.engine import MergeEngine, parse_dtype
-from evomerge.merging.methods import get_method
+from evomerge.merging.registry import get_method
 from evomerge.merging.space import SearchSpace, ValueTable
 from evomerge.modalities import get_adapter
 from evomerge.modalities.base import TensorSource
@@ -95,11 +95,16 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
                                     f"{s.label}); merge models of the same architecture")
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(reference)
     engine = MergeEngine(adapter, reference, base, sources, method, dtype=dtype, device=device,
-                         seed=recipe.seed, tie_order=recipe.merge.tie_order,
-                         rescale=None if recipe.merge.rescale == "none" else recipe.merge.rescale)
+                         seed=recipe.seed, options=method_options(recipe))
     groups = adapter.groups([j.name for j in engine.jobs if j.merge])
     space = SearchSpace.from_spec(recipe.merge, method, [s.label for s in sources], groups)
     return MergeSession(recipe, adapter, reference, base, sources, engine, space)
+
+
+def method_options(recipe: Recipe) -> dict[str, str]:
+    """The method options the recipe sets (a method refuses one it does not take)."""
+    return {k: getattr(recipe.merge, k) for k in ("tie_order", "rescale")
+            if k in recipe.merge.model_fields_set}
 
 
 # mergekit options with no effect on the result here (int8_mask only saves memory there).

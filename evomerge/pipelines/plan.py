@@ -18,14 +18,14 @@ import torch
 from evomerge.errors import EvomergeError, describe
 from evomerge.hub import not_cached, use_cache_if_offline
 from evomerge.merging.engine import parse_dtype
-from evomerge.merging.methods import get_method
+from evomerge.merging.registry import get_method
 from evomerge.merging.space import SearchSpace
 from evomerge.modalities import get_adapter
 from evomerge.pipelines.evolve import default_popsize
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
-    from evomerge.merging.dfs import DFSPlan
+    from evomerge.pipelines.dfs_plan import DFSPlan
 
 
 @dataclass
@@ -85,7 +85,7 @@ def meta_state(recipe: Recipe, folder: Path) -> dict[str, torch.Tensor]:
 
 def make_plan(recipe: Recipe) -> Plan | DFSPlan:
     if recipe.dfs is not None:
-        from evomerge.merging.dfs import make_dfs_plan
+        from evomerge.pipelines.dfs_plan import make_dfs_plan
 
         return make_dfs_plan(recipe)
     adapter = get_adapter(recipe.modality, grouping=recipe.grouping)

@@ -164,7 +164,7 @@ def gather(run_dir: Path, out: Path) -> dict:
             {n: b["score"] for n, b in baselines.items()}, metric=metric, title=title)}]
     notes: list[str] = []
     if recipe.dfs is not None:  # layer-path values: repetitions x layers
-        from evomerge.merging.dfs import dfs_value_grid
+        from evomerge.pipelines.dfs_plan import dfs_value_grid
 
         figures.append({"title": "Best trial's layer path", "caption": "Indicators (> 0: the layer is kept) "
                         "per repetition, and the hand-over scales.", "path": report_plots.grid_values(
