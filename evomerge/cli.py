@@ -92,6 +92,13 @@ def merge(
         return
     if tie_order is not None:
         recipe.merge.tie_order = tie_order.value
+    from evomerge.pipelines.slices import merge_layout, needs_layout
+
+    if needs_layout(recipe):
+        merge_layout(recipe, out, device=device or default_device(), allow_pickle=allow_pickle,
+                     trust_remote_code=trust_remote_code, force=force)
+        typer.echo(f"wrote {out}")
+        return
     session = open_session(recipe, device=device or default_device(), allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
     merge_to_folder(session, out, values, force=force)
@@ -115,7 +122,7 @@ def recipe_export(
 
     Example: evomerge recipe export runs/evollm-jp-ps > best-mergekit.yaml
     """
-    from evomerge.recipe import to_mergekit
+    from evomerge.mergekit_yaml import to_mergekit
 
     recipe, values = recipe_and_values(recipe_path)
     typer.echo(yaml.safe_dump(to_mergekit(recipe, values), sort_keys=False, allow_unicode=True), nl=False)

@@ -1,9 +1,8 @@
 """Recipes: what to merge, how, what to search and how to score it. YAML in, validated models out.
 
 An evomerge recipe names its models, a merge method with fixed and searched values, and (for
-``evomerge evolve``) an evaluator and a search budget. A mergekit YAML (``models``,
-``merge_method``, ``base_model``, ``parameters``, ``dtype``) is read into the same model, so
-``evomerge merge`` takes either; :func:`to_mergekit` writes the mergekit form back.
+``evomerge evolve``) an evaluator and a search budget. A mergekit YAML is read into the same
+model by :mod:`evomerge.mergekit_yaml`, so ``evomerge merge`` takes either.
 """
 
 from __future__ import annotations
@@ -38,6 +37,8 @@ class ModelSpec(BaseModel):
     model: str = Field(description="Hub id or local folder")
     name: str | None = Field(None, description="short label used in value names; default: folder name")
     parameters: dict[str, Value] = Field(default_factory=dict)
+    revision: str | None = Field(None, description="Hub branch, tag or commit (Hub ids only)")
+    lora: str | None = Field(None, description="PEFT LoRA adapter folder applied to the model before merging")
 
     @property
     def label(self) -> str:
@@ -53,6 +54,44 @@ class MergeSpec(BaseModel):
     granularity: Literal["global", "per_source", "per_group"] = "per_source"
     tie_order: Literal["index", "mergekit"] = "index"
     rescale: Literal["inverse", "l1", "none"] = "inverse"
+
+
+class SliceSource(BaseModel):
+    """Layers ``layer_range[0]`` up to (not including) ``layer_range[1]`` of one model (all
+    of them when omitted); its parameters come first, then the model's, the slice's, the merge's."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="label of a model in `models`")
+    layer_range: tuple[int, int] | None = None
+    parameters: dict[str, Value] = Field(default_factory=dict)
+
+
+class SliceSpec(BaseModel):
+    """A run of output layers merged from equally long layer ranges of its sources."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base: str | None = Field(None, description="label of the source that is the slice's base model")
+    parameters: dict[str, Value] = Field(default_factory=dict)
+
+
+class TokenEmbedding(BaseModel):
+    """Where a token's embedding and head rows come from (mergekit's `tokenizer.tokens`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = Field(None, description="a model label, or 'zero'")
+    token: str | None = Field(None, description="with a model source: take this token's row of that model")
+    token_id: int | None = Field(None, description="with a model source: take this row of that model")
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """The output vocabulary: 'base', 'union' or a model label, plus tokens to add or override."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
 class SearchSpec(BaseModel):
@@ -149,6 +188,10 @@ class Recipe(BaseModel):
         None, description="label of the model whose architecture, config and tokenizer the output takes")
     dtype: str | None = Field(None, description="merge and output dtype; default: the reference's")
     seed: int = 0
+    slices: list[SliceSpec] | None = Field(None, description="output layers as slices of the models (frankenmerges)")
+    tokenizer: TokenizerSpec | None = Field(None, description="causal_lm: build the output vocabulary")
+    chat_template: str | None = Field(None, description="a named template (chatml, llama3...), 'auto' or Jinja text")
+    out_dtype: str | None = Field(None, description="dtype of the written tensors (default: dtype)")
     grouping: str = Field("blocks", description="sdxl only: blocks | attn_other | blocks_attn_other")
     sdxl: SDXLSpec | None = Field(None, description="sdxl only: pipeline, LoRA and sampling")
     evaluator: dict[str, Any] | None = None
@@ -192,74 +235,6 @@ def _format_validation_error(path: Path, e: ValidationError) -> str:
     return f"{path}: field {where}: {err['msg']}"
 
 
-def from_mergekit(data: dict) -> dict:
-    """Translate a mergekit YAML mapping into an evomerge recipe mapping."""
-    base = data.get("base_model")
-    models = []
-    entries = data.get("models") or []
-    if not entries and len(data.get("slices") or []) == 1:  # one slice over all layers
-        entries = data["slices"][0].get("sources", [])
-    for entry in entries:
-        ref = entry["model"] if isinstance(entry, dict) else entry
-        if isinstance(ref, dict):  # mergekit's {model: {path: ...}} form
-            ref = ref.get("path") or ref.get("model")
-        if ref == base:
-            continue
-        models.append({"model": ref, "parameters": (entry.get("parameters") or {}) if isinstance(entry, dict) else {}})
-    method = data["merge_method"]
-    if method == "slerp" and base:
-        models.insert(0, {"model": base})  # slerp goes from the base (t=0) to the other model
-        base = None
-    parameters = dict(data.get("parameters") or {})
-    merge: dict[str, Any] = {"method": method, "parameters": parameters}
-    if method in ("dare_ties", "dare_linear"):
-        # mergekit's DARE rescales to preserve the L1 norm (its `rescale`, default on).
-        merge["rescale"] = "l1" if parameters.pop("rescale", True) else "none"
-    if "tie_order" in data:  # evomerge extension: how TIES breaks magnitude ties
-        merge["tie_order"] = data["tie_order"]
-    return {
-        "name": data.get("name", "mergekit-merge"),
-        "base": base,
-        "models": models,
-        "merge": merge,
-        "dtype": data.get("dtype"),
-    }
-
-
-def to_mergekit(recipe: Recipe, values: dict[str, Value] | None = None) -> dict:
-    """The mergekit YAML mapping of a parameter-space recipe (with ``values`` filling searched ones).
-
-    ``values`` maps ``{source}/{param}`` or ``{param}`` to numbers; per-group values become
-    per-layer lists (mergekit's gradients).
-    """
-    values = values or {}
-    if recipe.merge is None:
-        raise EvomergeError(f"recipe {recipe.name}: a dfs recipe has no mergekit form")
-    if recipe.merge.method == "slerp":
-        first, other = recipe.models[0], recipe.models[1]
-        out: dict[str, Any] = {"merge_method": "slerp", "base_model": first.model,
-                               "models": [{"model": first.model}, {"model": other.model}]}
-    else:
-        models = []
-        if recipe.base:
-            models.append({"model": recipe.base})
-        for m in recipe.models:
-            params = dict(m.parameters)
-            params.update({k.split("/", 1)[1]: v for k, v in values.items()
-                           if k.startswith(m.label + "/")})
-            models.append({"model": m.model, "parameters": params} if params else {"model": m.model})
-        out = {"merge_method": recipe.merge.method, "models": models}
-        if recipe.base:
-            out["base_model"] = recipe.base
-    shared = dict(recipe.merge.parameters)
-    shared.update({k: v for k, v in values.items() if "/" not in k})
-    if shared:
-        out["parameters"] = shared
-    if recipe.dtype:
-        out["dtype"] = recipe.dtype
-    return out
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read an evomerge recipe or a mergekit YAML, with one-line errors naming the field."""
     path = Path(path)
@@ -276,7 +251,9 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(data, dict):
         raise EvomergeError(f"{path}: expected a mapping at the top level")
     if "merge_method" in data:
-        data = from_mergekit(data)
+        from evomerge.mergekit_yaml import from_mergekit
+
+        data = from_mergekit(data, str(path))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:

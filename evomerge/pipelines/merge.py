@@ -25,6 +25,7 @@ from evomerge.modalities import get_adapter
 from evomerge.modalities.base import TensorSource
 from evomerge.progress import progress_bar
 from evomerge.recipe import Recipe
+from evomerge.sources import open_model
 
 
 def _family(source: TensorSource) -> str | None:
@@ -77,22 +78,21 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
     """Open every model of the recipe lazily and validate the merge (no weights read yet)."""
     if recipe.merge is None:
         raise EvomergeError(f"recipe {recipe.name}: a dfs recipe has no parameter-space merge; use evolve")
+    if recipe.slices or recipe.tokenizer or recipe.chat_template or recipe.out_dtype:
+        raise EvomergeError(f"recipe {recipe.name}: slices, tokenizer, chat_template and out_dtype are "
+                            "written by `evomerge merge`; a search merges whole models (drop them)")
     adapter = get_adapter(recipe.modality, grouping=recipe.grouping, trust_remote_code=trust_remote_code,
                           sdxl=recipe.sdxl)
     method = get_method(recipe.merge.method)
     check_parameter_names(recipe, method)
     base = adapter.open(recipe.base, "base", allow_pickle=allow_pickle) if recipe.base else None
-    sources = [adapter.open(m.model, m.label, allow_pickle=allow_pickle) for m in recipe.models]
+    sources = [open_model(adapter, m, m.label, allow_pickle=allow_pickle) for m in recipe.models]
     families = {s.label: _family(s) for s in ([base] if base else []) + sources}
     if len(set(families.values())) > 1:
         raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
     reference = _pick_reference(recipe, adapter, base, sources)
-    if recipe.modality == "causal_lm":  # a tensor the reference lacks would vanish from the output
-        for s in ([base] if base else []) + sources:
-            extra = next((n for n in s.names() if n not in reference), None)
-            if extra is not None:
-                raise EvomergeError(f"model {reference.label}: tensor {extra} is missing (present in "
-                                    f"{s.label}); merge models of the same architecture")
+    if recipe.modality == "causal_lm":
+        check_no_extra_tensors(reference, ([base] if base else []) + sources)
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(reference)
     engine = MergeEngine(adapter, reference, base, sources, method, dtype=dtype, device=device,
                          seed=recipe.seed, options=method_options(recipe))
@@ -105,6 +105,15 @@ def method_options(recipe: Recipe) -> dict[str, str]:
     """The method options the recipe sets (a method refuses one it does not take)."""
     return {k: getattr(recipe.merge, k) for k in ("tie_order", "rescale")
             if k in recipe.merge.model_fields_set}
+
+
+def check_no_extra_tensors(reference: TensorSource, sources: list[TensorSource]) -> None:
+    """A tensor the reference lacks would vanish from the output: refuse it."""
+    for s in sources:
+        extra = next((n for n in s.names() if n not in reference), None)
+        if extra is not None:
+            raise EvomergeError(f"model {reference.label}: tensor {extra} is missing (present in "
+                                f"{s.label}); merge models of the same architecture")
 
 
 # mergekit options with no effect on the result here (int8_mask only saves memory there).
