@@ -115,17 +115,24 @@ def pushed(folder: Path, repo: str | None) -> None:
 
 @recipe_app.command("export")
 def recipe_export(
-    recipe_path: Annotated[Path, typer.Argument(help="a recipe file")],
-    mergekit: Annotated[bool, typer.Option("--mergekit/--no-mergekit", help="write mergekit's YAML")] = True,
+    recipe_path: Annotated[Path, typer.Argument(metavar="RUN_OR_RECIPE", help="a run folder or a recipe file")],
+    mergekit: Annotated[bool, typer.Option("--mergekit/--no-mergekit", help="mergekit's YAML, or (--no-mergekit) "
+                                           "the evomerge recipe with the run's values fixed")] = True,
+    allow_pickle: AllowPickle = False,
 ) -> None:
-    """Print a parameter-space recipe as mergekit YAML.
+    """Print a recipe with a run's chosen values fixed, as mergekit or evomerge YAML.
 
     Example: evomerge recipe export runs/evollm-jp-ps > best-mergekit.yaml
     """
-    from evomerge.mergekit_yaml import to_mergekit
+    from evomerge.mergekit_export import export_recipe, fill_values, recipe_groups
 
     recipe, values = recipe_and_values(recipe_path)
-    typer.echo(yaml.safe_dump(to_mergekit(recipe, values), sort_keys=False, allow_unicode=True), nl=False)
+    grouped = any(v.count("/") == 2 or (v.count("/") == 1 and v.split("/")[0] not in
+                                        {m.label for m in recipe.models}) for v in values)
+    groups = recipe_groups(recipe, allow_pickle=allow_pickle) if grouped else None
+    fixed = fill_values(recipe, values, groups)
+    data = export_recipe(fixed) if mergekit else fixed.model_dump(mode="json", exclude_defaults=True)
+    typer.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
 
 
 @app.command()

@@ -86,6 +86,7 @@ class MKConfig(_Strict):
     # evomerge extensions
     name: str | None = None
     tie_order: str | None = Field(None, description="how TIES breaks magnitude ties: index | mergekit")
+    seed: int | None = Field(None, description="seed of evomerge's random drops (mergekit ignores the key)")
 
 
 # -- model references ------------------------------------------------------------------------------
@@ -279,6 +280,8 @@ def from_mergekit(data: dict, source: str = "config") -> dict:
         merge["rescale"] = "l1" if merge["parameters"].pop("rescale", True) else "none"
     if cfg.tie_order is not None:
         merge["tie_order"] = cfg.tie_order
+    if cfg.seed is not None:
+        recipe["seed"] = cfg.seed
     recipe["merge"] = merge
 
     if cfg.models:
@@ -366,31 +369,9 @@ def _slices_form(cfg: MKConfig, base: ModelRef | None, labels: _Labels, recipe: 
 # -- writing -------------------------------------------------------------------------------------
 
 
-def to_mergekit(recipe, values: dict[str, Any] | None = None) -> dict:
-    """The mergekit YAML mapping of a parameter-space recipe (with ``values`` filling searched ones)."""
-    values = values or {}
-    if recipe.merge is None:
-        raise EvomergeError(f"recipe {recipe.name}: a dfs recipe has no mergekit form")
-    if recipe.merge.method == "slerp":
-        first, other = recipe.models[0], recipe.models[1]
-        out: dict[str, Any] = {"merge_method": "slerp", "base_model": first.model,
-                               "models": [{"model": first.model}, {"model": other.model}]}
-    else:
-        models = []
-        if recipe.base:
-            models.append({"model": recipe.base})
-        for m in recipe.models:
-            params = dict(m.parameters)
-            params.update({k.split("/", 1)[1]: v for k, v in values.items()
-                           if k.startswith(m.label + "/")})
-            models.append({"model": m.model, "parameters": params} if params else {"model": m.model})
-        out = {"merge_method": recipe.merge.method, "models": models}
-        if recipe.base:
-            out["base_model"] = recipe.base
-    shared = dict(recipe.merge.parameters)
-    shared.update({k: v for k, v in values.items() if "/" not in k})
-    if shared:
-        out["parameters"] = shared
-    if recipe.dtype:
-        out["dtype"] = recipe.dtype
-    return out
+def to_mergekit(recipe, values: dict[str, float] | None = None, groups: dict[str, list[str]] | None = None) -> dict:
+    """The mergekit YAML mapping of a recipe, a run's chosen ``values`` written in (per-group
+    values need ``groups``: group -> tensor names); refuses what mergekit cannot express."""
+    from evomerge.mergekit_export import export_recipe, fill_values
+
+    return export_recipe(fill_values(recipe, values or {}, groups))

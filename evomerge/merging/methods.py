@@ -164,6 +164,7 @@ def slerp(tensors: torch.Tensor, *, t: Fraction) -> torch.Tensor:
     Falls back to linear interpolation when the two are (anti)collinear.
     """
     work = torch.float64 if tensors.dtype == torch.float64 else torch.float32
+    t = torch.tensor(float(t)).to(work).to(tensors.device)  # t in float32 first, as mergekit has it
     a, b = tensors[0].to(work), tensors[1].to(work)
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     na = na if na > NORM_EPS else torch.ones_like(na)
