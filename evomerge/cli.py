@@ -57,10 +57,23 @@ def recipe_file(path: Path) -> Path:
     return shipped_or_given(path)
 
 
+def parse_size(text: str) -> int:
+    """mergekit's sizes: a number with an optional K, M or B (thousand, million, billion) suffix."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use a number of bytes, e.g. 5B, 500M or 2000000") from None
+    if value < 1:
+        raise typer.BadParameter(f"{text!r}: the shard size must be positive")
+    return int(value)
+
+
 @app.command()
 def merge(
-    config: Annotated[Path, typer.Argument(help="evomerge recipe or mergekit YAML (fixed values)")],
-    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    config: Annotated[Path, typer.Argument(help="evomerge recipe, mergekit YAML or run folder")],
+    out_path: Annotated[Path | None, typer.Argument(metavar="[OUT]", help="output folder (or --out)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
     force: Annotated[bool, typer.Option("--force/--no-force", help="replace a non-empty output folder")] = False,
     device: Device = "",
     allow_pickle: AllowPickle = False,
@@ -69,13 +82,30 @@ def merge(
     tie_order: Annotated[TieOrder | None, typer.Option(
         "--tie-order", help="TIES magnitude ties at the top-k threshold: lowest index first "
         "(index) or as mergekit breaks them (mergekit); overrides the recipe")] = None,
+    out_shard_size: Annotated[str | None, typer.Option(
+        "--out-shard-size", help="bytes per output shard, e.g. 5B (default) or 500M")] = None,
+    copy_tokenizer: Annotated[bool, typer.Option(
+        "--copy-tokenizer/--no-copy-tokenizer", help="write the tokenizer files beside the weights")] = True,
+    random_seed: Annotated[int | None, typer.Option(
+        "--random-seed", help="seed of random drops (DARE), overrides the recipe's seed")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="log more (repeat for more)")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
     """Merge models once, with the values the recipe fixes, into a folder stock loaders read.
 
-    Example: evomerge merge examples/ties.yaml --out merged/ (or a run folder: its best values)
+    Example: evomerge merge examples/ties.yaml merged/ (or a run folder: its best values)
     """
     from evomerge.pipelines.merge import merge_to_folder, open_session
 
+    if out_path is not None and out is not None and out_path != out:
+        raise EvomergeError(f"two output folders ({out_path} and --out {out}): give one")
+    out = out or out_path
+    if out is None:
+        raise EvomergeError("no output folder: evomerge merge CONFIG OUT (or --out OUT)")
+    if verbose:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO)
     recipe, values = recipe_and_values(config)
     if push_to_hub:
         require_hub(f"--push-to-hub {push_to_hub}")
@@ -92,16 +122,24 @@ def merge(
         return
     if tie_order is not None:
         recipe.merge.tie_order = tie_order.value
+    if random_seed is not None:
+        recipe.seed = random_seed
     from evomerge.pipelines.slices import merge_layout, needs_layout
 
-    if needs_layout(recipe):
+    layout_options = out_shard_size is not None or not copy_tokenizer
+    if needs_layout(recipe) or (layout_options and recipe.modality == "causal_lm" and not values):
         merge_layout(recipe, out, device=device or default_device(), allow_pickle=allow_pickle,
-                     trust_remote_code=trust_remote_code, force=force)
+                     trust_remote_code=trust_remote_code, force=force, copy_tokenizer=copy_tokenizer,
+                     shard_bytes=parse_size(out_shard_size) if out_shard_size else 5 * 10**9,
+                     show_progress=not quiet)
         typer.echo(f"wrote {out}")
+        pushed(out, push_to_hub)
         return
+    if layout_options:
+        raise EvomergeError("--out-shard-size and --no-copy-tokenizer apply to causal_lm merges of fixed values")
     session = open_session(recipe, device=device or default_device(), allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
-    merge_to_folder(session, out, values, force=force)
+    merge_to_folder(session, out, values, force=force, show_progress=not quiet)
     typer.echo(f"wrote {out}")
     pushed(out, push_to_hub)
 

@@ -164,3 +164,34 @@ def test_pickled_lora_loads_with_allow_pickle(world, tmp_path, evomerge_cli):
         assert code == 0, err
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("safe", "pickle"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- mergekit-yaml's command-line habits ---------------------------------------------------------
+
+
+def test_positional_output_shards_tokenizer_and_seed(world, tmp_path, evomerge_cli):
+    from mergekit_corpus import _tensors
+
+    cfg = tmp_path / "dare.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "models": [{"model": world["m1"], "parameters": {"weight": 0.5, "density": 0.5}}],
+        "merge_method": "dare_linear", "base_model": world["base"]}))
+
+    def merge(out, *extra):
+        code, _, err = evomerge_cli("merge", cfg, out, "--device", "cpu", "--quiet", *extra)
+        assert code == 0, err
+        return out
+
+    one = merge(tmp_path / "one", "--random-seed", "3")
+    sharded = merge(tmp_path / "sharded", "--random-seed", "3", "--out-shard-size", "20K", "--no-copy-tokenizer", "-v")
+    other = merge(tmp_path / "other", "--random-seed", "4")
+    assert (one / "tokenizer.json").exists() and not (sharded / "tokenizer.json").exists()
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").exists()
+    a, b, c = _tensors(one), _tensors(sharded), _tensors(other)
+    assert set(a) == set(b) and all(a[k].equal(b[k]) for k in a)
+    assert not all(a[k].equal(c[k]) for k in a)
+    code, _, err = evomerge_cli("merge", cfg, tmp_path / "x", "--out", tmp_path / "y")
+    assert code == 2 and "two output folders" in err
+    code, _, err = evomerge_cli("merge", cfg)
+    assert code == 2 and "no output folder" in err

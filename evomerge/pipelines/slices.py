@@ -43,8 +43,7 @@ from evomerge.sources import open_model
 
 def needs_layout(recipe: Recipe) -> bool:
     """Whether a merge asks for more than the plain engine does (mergekit-YAML features)."""
-    return bool(recipe.slices or recipe.tokenizer or recipe.chat_template or recipe.out_dtype
-                or any(m.lora or m.revision for m in recipe.models))
+    return bool(recipe.slices or recipe.tokenizer or recipe.chat_template or recipe.out_dtype)
 
 
 def renumbered(name: str, layer: int) -> str:
@@ -220,7 +219,7 @@ class Layout:
         i = layer_index(name)
         return name if i is None else renumbered(name, piece.offset + i)
 
-    def write(self, out_dir: Path, *, force: bool = False, shard_bytes: int = 5 * 2**30,
+    def write(self, out_dir: Path, *, force: bool = False, shard_bytes: int = 5 * 10**9,
               copy_tokenizer: bool = True, show_progress: bool = True) -> Path:
         tmp = prepare_output(out_dir, force)
         try:
@@ -283,7 +282,7 @@ def check_slice_parameters(spec: SliceSpec, method, index: int) -> None:
 
 
 def merge_layout(recipe: Recipe, out_dir: Path, *, device: str = "cpu", allow_pickle: bool = False,
-                 trust_remote_code: bool = False, force: bool = False, shard_bytes: int = 5 * 2**30,
+                 trust_remote_code: bool = False, force: bool = False, shard_bytes: int = 5 * 10**9,
                  copy_tokenizer: bool = True, show_progress: bool = True) -> Path:
     """Merge a recipe with slices or mergekit-YAML features into a model folder."""
     layout = Layout(recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
