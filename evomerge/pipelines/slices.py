@@ -231,7 +231,7 @@ class Layout:
             with progress_bar("merging", total=total, enabled=show_progress) as advance, \
                     WriteBehind(writer) as out:
                 for piece in self.pieces:
-                    for job, tensor in piece.engine.iter_merged(piece.table):
+                    for job, tensor in piece.engine.iter_merged(piece.table, reuse_buffers=WriteBehind.BUFFERS):
                         name = self.output_name(piece, job.name)
                         advance(name)
                         out.write(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
