@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -47,8 +48,8 @@ def build_world(root: Path) -> dict[str, str]:
     for folder in world.values():  # ids 0..n-1, as real tokenizers have
         gapless_tokenizer().save_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(f32["base"])
-    for name, extra, rows in (("x1", ["<x1>", "<x2>", "<x3>"], 72), ("x2", ["<x3>", "<y1>"], 64)):
-        model = perturbed(copy.deepcopy(base), hash(name) % 1000)
+    for seed, (name, extra, rows) in enumerate((("x1", ["<x1>", "<x2>", "<x3>"], 72), ("x2", ["<x3>", "<y1>"], 64))):
+        model = perturbed(copy.deepcopy(base), 40 + seed)
         model.resize_token_embeddings(rows)
         with torch.no_grad():  # new rows: deterministic values
             g = torch.Generator().manual_seed(rows)
@@ -60,6 +61,7 @@ def build_world(root: Path) -> dict[str, str]:
         tok.save_pretrained(root / name)
         world[name] = str(root / name)
     world["lora"] = str(make_lora(Path(world["m1"]), root / "lora"))
+    world |= make_tied_qwen2(root / "qwen2")
     marker.write_text(json.dumps(world))
     return world
 
@@ -75,6 +77,25 @@ def gapless_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def make_tied_qwen2(root: Path) -> dict[str, str]:
+    """A Qwen2 base and two fine-tunes (attention biases, tied embeddings: no lm_head stored)."""
+    from tiny import perturbed
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(5)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    base = AutoModelForCausalLM.from_config(config)
+    out = {}
+    for i, name in enumerate(["q_base", "q1", "q2"]):
+        model = base if i == 0 else perturbed(copy.deepcopy(base), 50 + i)
+        model.save_pretrained(root / name)
+        gapless_tokenizer().save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
 
 
 def make_lora(model_dir: Path, out: Path) -> Path:
@@ -216,8 +237,12 @@ def run_corpus(root: Path, configs: list[Path]) -> list[Outcome]:
     work = root / "runs"
     work.mkdir(parents=True, exist_ok=True)
     jobs = [(instantiate(c, world, work / c.name), work / f"mk-{c.stem}") for c in configs]
-    status = run_mergekit([j for j in jobs if not j[1].exists()], work / "mergekit-status.json") \
-        if any(not j[1].exists() for j in jobs) else {}
+    # mergekit's outputs are kept between runs (it is slow); a changed config runs again
+    stale = [(cfg, out) for cfg, out in jobs if not (out / "mergekit_config.yml").is_file()
+             or (out / "mergekit_config.yml").read_text() != cfg.read_text()]
+    for _, out in stale:
+        shutil.rmtree(out, ignore_errors=True)
+    status = run_mergekit(stale, work / "mergekit-status.json") if stale else {}
     status_path = work / "mergekit-all.json"
     known = json.loads(status_path.read_text()) if status_path.exists() else {}
     known.update(status)
@@ -225,10 +250,7 @@ def run_corpus(root: Path, configs: list[Path]) -> list[Outcome]:
     outcomes = []
     for (cfg, mk_out), source in zip(jobs, configs, strict=True):
         ours = work / f"evo-{source.stem}"
-        if ours.exists():
-            import shutil
-
-            shutil.rmtree(ours)
+        shutil.rmtree(ours, ignore_errors=True)
         code, message = run_evomerge(cfg, ours)
         mk = known.get(str(cfg), "?")
         data = yaml.safe_load(cfg.read_text())

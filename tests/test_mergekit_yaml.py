@@ -15,7 +15,7 @@ from mergekit_corpus import CORPUS, build_world, run_corpus
 PARITY = ["gradient-slerp", "ties-slices", "slice-base", "linear-base-in-models", "linear-base-appended",
           "out-dtype", "chat-template-named", "chat-template-inline", "union-small-first",
           "union-large-first", "tokenizer-block", "tokenizer-source-base", "tokenizer-source-model",
-          "lora", "revision-local", "dare-ties", "ties-bf16"]
+          "lora", "revision-local", "dare-ties", "ties-bf16", "qwen2-tied-ties", "slices-union-ties"]
 
 
 @pytest.fixture(scope="module")

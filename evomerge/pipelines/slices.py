@@ -130,6 +130,8 @@ class Layout:
             raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
         self.reference = self._reference()
         check_no_extra_tensors(self.reference, opened)
+        # tied embeddings: a head no model stores is not written (as mergekit, and transformers)
+        self.untied = {"lm_head.weight"} if any(map(_stores_head, opened)) else set()
         self.dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(self.reference)
         self.out_dtype = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
         self.vocab = None
@@ -139,6 +141,7 @@ class Layout:
             self.vocab = build_vocabulary(recipe, self.models, self.base, self.reference,
                                           trust_remote_code=trust_remote_code)
         self.pieces = self._plan(device)
+        self._check_per_layer_config()
 
     def _reference(self) -> TensorSource:
         """Whose config, tokenizer and files the output takes: the base, else the first model."""
@@ -164,7 +167,8 @@ class Layout:
     def _other_tensors(self, *, first: bool, last: bool) -> set[str]:
         """Tensors outside the layers that a slice writes: those before the layers (the
         embedding) with the first slice, the rest (final norm, head) with the last."""
-        names = [n for n in self.reference.names() if layer_index(n) is None]
+        names = [n for n in self.reference.names() if layer_index(n) is None
+                 and (n != "lm_head.weight" or n in self.untied)]
         return {n for n in names if (self.adapter.group(n) == "embed" and first)
                 or (self.adapter.group(n) != "embed" and last)}
 
@@ -210,6 +214,15 @@ class Layout:
             raise EvomergeError(f"{where}: tensor {uneven} has a different number of rows (vocabulary size) "
                                 "across the models; add tokenizer_source: union (or base) to lay them out")
         return Piece(engine, table, offset)
+
+    def _check_per_layer_config(self) -> None:
+        """A config list with one entry per layer (``layer_types``...) would not fit another count."""
+        text = self.reference.config.get("text_config", self.reference.config)
+        n = num_layers(self.reference.config)
+        per_layer = [k for k, v in text.items() if isinstance(v, list) and len(v) == n and n > 1]
+        if self.layers != n and per_layer:
+            raise EvomergeError(f"model {self.reference.label}: config.json {per_layer[0]} has one entry per layer; "
+                                f"slices giving {self.layers} layers instead of {n} are not supported for it")
 
     @property
     def layers(self) -> int:
@@ -262,6 +275,15 @@ class Layout:
         from types import SimpleNamespace
 
         return SimpleNamespace(recipe=self.recipe)
+
+
+def _stores_head(source: TensorSource) -> bool:
+    """Whether a checkpoint has its own lm_head (not one read from its tied embedding)."""
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    for table in (source.entries, source.loaded):
+        if head in table:
+            return table.get(embed) is not table[head]
+    return False
 
 
 def _base_spec(recipe: Recipe):
