@@ -195,3 +195,10 @@ def test_positional_output_shards_tokenizer_and_seed(world, tmp_path, evomerge_c
     assert code == 2 and "two output folders" in err
     code, _, err = evomerge_cli("merge", cfg)
     assert code == 2 and "no output folder" in err
+
+
+def test_layer_count_change_of_per_layer_configs_is_refused(world, tmp_path, evomerge_cli):
+    cfg = {"slices": [{"sources": [{"model": world["q_base"], "layer_range": [0, 2]},
+                                   {"model": world["q1"], "layer_range": [1, 3]}]}],
+           "merge_method": "slerp", "base_model": world["q_base"], "parameters": {"t": 0.5}}
+    assert "layer_types has one entry per layer" in refused(evomerge_cli, tmp_path, cfg)
