@@ -14,6 +14,7 @@ each a view of a source's layers, written under its output layer numbers.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def layer_view(source: TensorSource, start: int, count: int, keep_other: set[str
 
     entries = {new: e for n, e in source.entries.items() if (new := rename(n)) is not None}
     loaded = {new: t for n, t in source.loaded.items() if (new := rename(n)) is not None}
-    config = dict(source.config)
+    config = copy.deepcopy(source.config)
     text = config.get("text_config", config)
     text["num_hidden_layers"] = count
     return TensorSource(source.label, source.folder, entries, loaded, config)
@@ -130,6 +131,9 @@ class Layout:
             raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
         self.reference = self._reference()
         check_no_extra_tensors(self.reference, opened)
+        if not any(layer_index(n) is not None for n in self.reference.names()):
+            raise EvomergeError(f"model {self.reference.label}: no tensors named *.layers.N.*; mergekit YAMLs "
+                                "and slices cover Llama-style layouts (Llama, Mistral, Qwen2...)")
         # tied embeddings: a head no model stores is not written (as mergekit, and transformers)
         self.untied = {"lm_head.weight"} if any(map(_stores_head, opened)) else set()
         self.dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(self.reference)
