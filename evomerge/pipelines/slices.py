@@ -198,7 +198,7 @@ class Layout:
         if spec.base:
             base = views[spec.base]
             inputs = [s for s in spec.sources if s.model != spec.base]
-        elif self.method.on_deltas and self.base is not None:
+        elif self.base is not None:  # the engine reads it where the method takes a base
             base = self._view("base", self.base, spec.sources[0].layer_range, keep, where)
         if self.vocab is not None:
             self.vocab.align([views[s.model] for s in inputs] + ([base] if base else []), self.dtype)
