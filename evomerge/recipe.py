@@ -250,7 +250,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise EvomergeError(f"{path}: expected a mapping at the top level")
-    if "merge_method" in data:
+    mergekit = "merge_method" in data
+    if mergekit:
         from evomerge.mergekit_yaml import from_mergekit
 
         data = from_mergekit(data, str(path))
@@ -258,4 +259,5 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise EvomergeError(_format_validation_error(path, e)) from None
-    return resolve_recipe_paths(recipe, path.parent)
+    # mergekit reads a relative model path from the working directory, as mergekit-yaml does
+    return resolve_recipe_paths(recipe, Path.cwd() if mergekit else path.parent)

@@ -202,3 +202,18 @@ def test_layer_count_change_of_per_layer_configs_is_refused(world, tmp_path, evo
                                    {"model": world["q1"], "layer_range": [1, 3]}]}],
            "merge_method": "slerp", "base_model": world["q_base"], "parameters": {"t": 0.5}}
     assert "layer_types has one entry per layer" in refused(evomerge_cli, tmp_path, cfg)
+
+
+def test_relative_paths_read_from_the_working_directory(world, tmp_path, evomerge_cli, monkeypatch):
+    """As mergekit-yaml: a relative model path in a mergekit YAML means the working directory."""
+    import os
+
+    elsewhere = tmp_path / "configs"
+    elsewhere.mkdir()
+    cfg = linear(world)
+    cfg["models"][0]["model"] = os.path.relpath(world["m1"], tmp_path)
+    path = elsewhere / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = evomerge_cli("merge", path, tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
