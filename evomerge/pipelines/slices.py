@@ -34,6 +34,7 @@ from evomerge.pipelines.merge import (
     check_no_extra_tensors,
     check_parameter_names,
     commit_output,
+    method_options,
     model_card,
     prepare_output,
 )
@@ -205,9 +206,7 @@ class Layout:
         per_model = {m.label: m.parameters for m in self.recipe.models}
         engine = MergeEngine(self.adapter, base or views[inputs[0].model], base,
                              [views[s.model] for s in inputs], self.method, dtype=self.dtype,
-                             device=device, seed=self.recipe.seed + index,
-                             tie_order=self.recipe.merge.tie_order,
-                             rescale=None if self.recipe.merge.rescale == "none" else self.recipe.merge.rescale)
+                             device=device, seed=self.recipe.seed + index, options=method_options(self.recipe))
         shared = _chain(spec.parameters, self.recipe.merge.parameters)
         table = ValueTable(method=self.method, sources=tuple(s.model for s in inputs), shared_fixed=shared,
                            per_source_fixed={s.model: _chain(s.parameters, per_model[s.model]) for s in inputs},
