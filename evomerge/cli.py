@@ -179,6 +179,8 @@ def demo(
     run_dir: Annotated[Path, typer.Option(help="run folder")] = Path("runs/miniworld"),
     cache_dir: Annotated[Path | None, typer.Option(help="built worlds (default ~/.cache/evomerge/miniworld)")] = None,
     trials: Annotated[int | None, typer.Option(help="trials (default: the recipe's)")] = None,
+    fitness: Annotated[str, typer.Option(help="full: every trial scores every problem; fast: estimated "
+                                              "from 100, the best re-scored on all")] = "full",
 ) -> None:
     """The mini-world: an evolved merge beats its sources and fixed merges on held-out data, on a CPU.
 
@@ -186,7 +188,7 @@ def demo(
     """
     from evomerge.pipelines.demo import run_demo
 
-    run_demo(seed=seed, run_dir=run_dir, cache_dir=cache_dir, trials=trials)
+    run_demo(seed=seed, run_dir=run_dir, cache_dir=cache_dir, trials=trials, fitness=fitness)
 
 
 @app.command()

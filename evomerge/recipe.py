@@ -94,12 +94,24 @@ class TokenizerSpec(BaseModel):
     pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
+class FitnessSpec(BaseModel):
+    """How each trial is scored (evomerge.pipelines.fitness): every item, raced, or estimated."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["full", "racing", "estimated"] = "full"
+    chunk: int | None = Field(None, ge=1, description="racing: items per step (default a tenth of the items)")
+    anchors: int = Field(100, ge=1, description="estimated: items each trial scores")
+    rescore: int = Field(5, ge=1, description="estimated: best trials re-scored on every item at the end")
+    p_threshold: float = Field(0.05, gt=0, lt=1, description="racing: level of the paired test")
+
+
 class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
     trials: int = 100
     popsize: int | None = None
     separable: bool = False
+    fitness: FitnessSpec = FitnessSpec()
 
 
 class PSRef(BaseModel):

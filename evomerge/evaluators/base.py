@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -48,11 +48,14 @@ class Result:
         metrics: named numbers worth recording alongside (accuracy, n, ...).
         items: one dict per evaluated example, with at least ``prompt``, ``output`` and
             ``correct``; evaluators add their own fields (``answer``, ``predicted``...).
+        values: per-item scores aligned with ``items``, whose mean is ``score``, from
+            evaluators that score items (:class:`ItemEvaluator`); empty otherwise.
     """
 
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
     items: list[dict] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -64,6 +67,19 @@ class Evaluator(Protocol):
     def __call__(self, runnable: Any) -> Result: ...
 
 
+@runtime_checkable
+class ItemEvaluator(Evaluator, Protocol):
+    """An evaluator whose score is the mean of per-item scores over ``n_items`` items, and
+    which can score any subset of them: what racing and estimated fitness need
+    (:mod:`evomerge.pipelines.fitness`). ``score_items(model, [3, 0, 7])`` returns a Result
+    whose ``items`` and ``values`` follow the indices given and whose metrics cover only them;
+    ``evaluator(model)`` is ``score_items(model, range(n_items))``."""
+
+    n_items: int
+
+    def score_items(self, runnable: Any, indices: Sequence[int]) -> Result: ...
+
+
 EvaluatorFactory = Callable[[dict, "str | Path | None"], Evaluator]
 
 # kind -> factory, or "module:attribute" of a factory imported on first use.
@@ -72,6 +88,7 @@ EVALUATORS: dict[str, EvaluatorFactory | str] = {
     "ja_vqa": "evomerge.evaluators.ja_vqa:JaVQAEvaluator",
     "python": "evomerge.evaluators.base:PythonEvaluator",
     "clip_score": "evomerge.evaluators.clip_score:ClipScoreEvaluator",
+    "loss": "evomerge.evaluators.loss:LossEvaluator",
 }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,15 +202,17 @@ def image_grid(images: list[Any], *, columns: int | None = None, cell: int | Non
 
 
 def generate_images(pipe: Any, prompts: list[str], *, seed: int = 0, batch_size: int = 4,
-                    sampling: dict[str, Any] | None = None) -> list[Any]:
+                    sampling: dict[str, Any] | None = None, numbers: list[int] | None = None) -> list[Any]:
     """One image per prompt; prompt ``i`` always uses seed ``seed + i`` (its own CPU generator),
-    so the same weights give the same image whatever the batching."""
+    so the same weights give the same image whatever the batching. ``numbers`` give the
+    prompts' places in a longer list (a subset keeps the seeds of the whole)."""
     kwargs = dict(getattr(pipe, "evomerge_sampling", {}) or {})
     kwargs.update(sampling or {})
+    numbers = list(range(len(prompts))) if numbers is None else numbers
     images: list[Any] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(batch))]
+        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in numbers[start:start + batch_size]]
         with torch.no_grad():
             out = pipe(prompt=batch, generator=generators, output_type="pil", **kwargs)
         images.extend(out.images)
@@ -297,30 +300,42 @@ class ClipScoreEvaluator:
                 self._references.append((float(ref.get("weight", 1.0)), image_embeddings(clip, ims)))
         return self._references
 
+    @property
+    def n_items(self) -> int:
+        return len(self.prompts)
+
     def __call__(self, runnable: Any) -> Result:
+        return self.score_items(runnable, range(self.n_items))
+
+    def score_items(self, runnable: Any, indices: Iterable[int]) -> Result:
+        """Sample and score the prompts at ``indices`` only (racing, estimated fitness); grids
+        are saved for whole-list evaluations only, so ``best.png`` compares like with like."""
+        indices = list(indices)
+        prompts = [self.prompts[i] for i in indices]
         if not hasattr(runnable, "unet") or not callable(runnable):
             raise EvomergeError("evaluator clip_score: needs an SDXL pipeline to sample from; set sdxl.pipeline "
                                 "in the recipe (what completes the UNet)")
         sampling = dict(getattr(runnable, "evomerge_final_sampling", {}) or {}) if self.full_resolution else {}
         sampling.update(self.sampling)
-        images = generate_images(runnable, self.prompts, seed=self.seed, batch_size=self.batch_size,
-                                 sampling=sampling)
+        images = generate_images(runnable, prompts, seed=self.seed, batch_size=self.batch_size,
+                                 sampling=sampling, numbers=indices)
         device = str(getattr(runnable, "device", "cpu"))
         clip = self.clip(device)
         image_emb = image_embeddings(clip, images)
-        per_prompt = clip_score_values(image_emb, text_embeddings(clip, self.prompts))
+        per_prompt = clip_score_values(image_emb, text_embeddings(clip, prompts))
         clip_score = sum(per_prompt) / len(per_prompt)
         metrics = {"clip_score": clip_score, "n": float(len(per_prompt))}
-        score = self.weight * clip_score
+        values = [self.weight * v for v in per_prompt]  # each prompt's share of the score
         for k, (weight, ref_emb) in enumerate(self.references(clip)):
-            value = sum(reference_similarity(image_emb, ref_emb)) / len(images)
-            metrics[f"reference_{k}"] = value
-            score += weight * value
+            similarity = reference_similarity(image_emb, ref_emb)
+            metrics[f"reference_{k}"] = sum(similarity) / len(images)
+            values = [v + weight * r for v, r in zip(values, similarity, strict=True)]
+        score = sum(values) / len(values)
         metrics["score"] = score
-        grid = self._save(images, score)
+        grid = self._save(images, score) if len(indices) == self.n_items else None
         items = [{"prompt": p, "seed": self.seed + i, "clip_score": v, "output": grid or "", "correct": None}
-                 for i, (p, v) in enumerate(zip(self.prompts, per_prompt, strict=True))]
-        return Result(score=score, metrics=metrics, items=items)
+                 for i, p, v in zip(indices, prompts, per_prompt, strict=True)]
+        return Result(score=score, metrics=metrics, items=items, values=values)
 
     def _save(self, images: list[Any], score: float) -> str | None:
         """Write the grids; returns the path of this evaluation's grid (or None)."""

@@ -367,18 +367,30 @@ class JaMathEvaluator:
                     ids.append(int(v))
         return ids
 
-    def generate(self, model: Any) -> tuple[list[str], Generated]:
-        """Greedy completions of the prompts, stop strings cut off, and what they cost."""
-        out = greedy_generate(model, self.tokenizer, self.input_ids,
+    def generate(self, model: Any, indices: Iterable[int] | None = None) -> tuple[list[str], Generated]:
+        """Greedy completions of the prompts (those at ``indices``, default all), stop strings
+        cut off, and what they cost."""
+        prompts = self.input_ids if indices is None else [self.input_ids[i] for i in indices]
+        out = greedy_generate(model, self.tokenizer, prompts,
                               max_new_tokens=self.max_new_tokens, eos_ids=self._eos_ids(model),
                               stop=self.stop, batch_size=self.batch_size)
         texts = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
         return [truncate_at_stop(t, self.stop) for t in texts], out
 
+    @property
+    def n_items(self) -> int:
+        return len(self.problems)
+
     def __call__(self, runnable: Any) -> Result:
-        outputs, cost = self.generate(runnable)
+        return self.score_items(runnable, range(self.n_items))
+
+    def score_items(self, runnable: Any, indices: Iterable[int]) -> Result:
+        """Generate and score the problems at ``indices`` only (racing, estimated fitness)."""
+        indices = list(indices)
+        outputs, cost = self.generate(runnable, indices)
         items = []
-        for prompt, problem, output in zip(self.prompts, self.problems, outputs, strict=True):
+        for i, output in zip(indices, outputs, strict=True):
+            prompt, problem = self.prompts[i], self.problems[i]
             item = {"prompt": prompt, "question": problem["question"], "output": output,
                     "answer": problem["answer"]}
             for metric in (self.metric, self.other_metric):
@@ -401,4 +413,5 @@ class JaMathEvaluator:
         metrics.update({"n": float(n), "generated_tokens": float(cost.generated_tokens),
                         "generate_seconds": cost.seconds})
         score = metrics["accuracy_ja"] if self.require_japanese else metrics["accuracy"]
-        return Result(score=score, metrics=metrics, items=items)
+        values = [float(it["correct"] and (it["japanese"] or not self.require_japanese)) for it in items]
+        return Result(score=score, metrics=metrics, items=items, values=values)

@@ -370,20 +370,32 @@ class JaVQAEvaluator:
             model.train(was_training)
         return outputs
 
+    @property
+    def n_items(self) -> int:
+        return len(self.examples)
+
     def __call__(self, runnable: Any) -> Result:
+        return self.score_items(runnable, range(self.n_items))
+
+    def score_items(self, runnable: Any, indices: Iterable[int]) -> Result:
+        """Answer and score the examples at ``indices`` only (racing, estimated fitness). The
+        per-item values are the items' ROUGE-L; their mean is the score up to the bootstrap
+        aggregation of the ``sakana`` reading (its mid is the mean's bootstrap median)."""
+        indices = list(indices)
+        examples = [self.examples[i] for i in indices]
         model = llava_view(runnable) if self.model_class == "llava" else runnable
-        outputs = self.generate(model, self.prompts, [ex["image"] for ex in self.examples])
+        outputs = self.generate(model, [self.prompts[i] for i in indices], [ex["image"] for ex in examples])
         items = []
         per_metric = {metric: [rouge_scores(out, ex["answer"], require_japanese=self.require_japanese,
                                             detector=self.detector, metric=metric)
-                               for out, ex in zip(outputs, self.examples, strict=True)]
+                               for out, ex in zip(outputs, examples, strict=True)]
                       for metric in METRICS}
-        for i, (prompt, example, output) in enumerate(zip(self.prompts, self.examples, outputs, strict=True)):
-            item = {"prompt": prompt, "question": example["question"], "output": output,
+        for k, (i, example, output) in enumerate(zip(indices, examples, outputs, strict=True)):
+            item = {"prompt": self.prompts[i], "question": example["question"], "output": output,
                     "reference": example["answer"]}
             for metric, scores in per_metric.items():
                 suffix = "" if metric == self.metric else f"_{metric}"
-                item[f"rougeL{suffix}"] = scores[i]["rougeL"].fmeasure * 100.0
+                item[f"rougeL{suffix}"] = scores[k]["rougeL"].fmeasure * 100.0
             item["correct"] = item["rougeL"] > 0
             item["japanese"] = (ja_probability(output) >= 0.5 if self.metric == "sakana"
                                 else self.detector(output))
@@ -392,4 +404,5 @@ class JaVQAEvaluator:
         metrics["rougeL"] = metrics[f"rougeL_{self.metric}"]
         metrics["rougeL_any"] = score_pairs(items, require_japanese=False, metric=self.metric)["rougeL"]
         metrics["n"] = float(len(items))
-        return Result(score=metrics["rougeL"], metrics=metrics, items=items)
+        return Result(score=metrics["rougeL"], metrics=metrics, items=items,
+                      values=[it["rougeL"] for it in items])

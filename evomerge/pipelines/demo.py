@@ -34,9 +34,21 @@ def template_path() -> Path:
     return path
 
 
-def concrete_recipe(world: Path, seed: int, template: Path | None = None) -> str:
+# --fitness fast: each trial scores 100 of the 1000 search problems; the 5 best trials by that
+# estimate are scored on all of them at the end (see evomerge.pipelines.fitness and the README)
+FITNESS = {"full": None, "fast": {"mode": "estimated", "anchors": 100, "rescore": 5}}
+
+
+def concrete_recipe(world: Path, seed: int, template: Path | None = None, fitness: str = "full") -> str:
     text = (template or template_path()).read_text()
-    return text.replace("${WORLD}", str(world)).replace("${SEED}", str(seed))
+    text = text.replace("${WORLD}", str(world)).replace("${SEED}", str(seed))
+    if fitness not in FITNESS:
+        raise EvomergeError(f"--fitness {fitness!r}: use {' or '.join(FITNESS)}")
+    if FITNESS[fitness] is None:
+        return text
+    recipe = yaml.safe_load(text)
+    recipe["search"]["fitness"] = FITNESS[fitness]
+    return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
 
 
 def _metrics(result) -> dict[str, float]:
@@ -44,7 +56,7 @@ def _metrics(result) -> dict[str, float]:
 
 
 def run_demo(seed: int = 0, run_dir: Path = Path("runs/miniworld"), cache_dir: Path | None = None,
-             trials: int | None = None, *, show_progress: bool = True,
+             trials: int | None = None, *, fitness: str = "full", show_progress: bool = True,
              console: Console | None = None) -> dict:
     """Build/load the world, evolve, score everything on both splits; returns the summary."""
     from evomerge.evaluators.ja_math import JaMathEvaluator
@@ -63,7 +75,7 @@ def run_demo(seed: int = 0, run_dir: Path = Path("runs/miniworld"), cache_dir: P
 
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = run_dir / "recipe.yaml"
-    text = concrete_recipe(world, seed)
+    text = concrete_recipe(world, seed, fitness=fitness)
     if recipe_path.exists() and yaml.safe_load(recipe_path.read_text()) != yaml.safe_load(text):
         raise EvomergeError(f"{run_dir} holds a run of another world or recipe; pass --run-dir for a new run")
     recipe_path.write_text(text)
@@ -105,10 +117,13 @@ def run_demo(seed: int = 0, run_dir: Path = Path("runs/miniworld"), cache_dir: P
                 "evolved": rows["evolved"][split]["accuracy_ja"]}
 
     from evomerge.pipelines.evolve import _finished
+    from evomerge.pipelines.fitness import search_cost
 
-    summary = {"test": shape("test"), "search": shape("search"), "trials": len(_finished(evo.study())),
+    finished = _finished(evo.study())
+    summary = {"test": shape("test"), "search": shape("search"), "trials": len(finished),
                "seconds": {"build": round(build_s, 1), "search": round(search_s, 1), "total": round(total_s, 1)},
-               "seed": seed}
+               "seed": seed, "fitness": fitness,
+               "cost": search_cost([t.user_attrs for t in finished], run_dir)}
     write_json_atomic(run_dir / "summary.json", summary)
     write_json_atomic(run_dir / "demo.json", {"rows": rows, "world": manifest, "best_trial": best["trial"],
                                               "trial_time": trial_time_split(evo.study())})

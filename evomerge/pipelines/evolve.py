@@ -35,6 +35,7 @@ from rich.table import Table
 from evomerge.errors import EvomergeError, describe
 from evomerge.evaluators.base import Result, load_evaluator
 from evomerge.pipelines.candidates import make_candidates
+from evomerge.pipelines.fitness import Fitness, Scored
 from evomerge.recipe import Recipe, load_recipe
 from evomerge.recipe_paths import pin_root, same_recipe
 
@@ -192,6 +193,7 @@ class Evolution:
         self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.candidates.tokenizer_source)
         if hasattr(self.evaluator, "set_run_dir"):  # evaluators that write files (image grids)
             self.evaluator.set_run_dir(self.paths.root)
+        self.fitness = Fitness.for_recipe(self.evaluator, self.recipe.search.fitness, seed=self.recipe.seed)
 
     def _claim_run_dir(self, recipe_path: Path) -> None:
         """Create the run directory with a copy of the recipe, or check it holds the same one."""
@@ -219,6 +221,10 @@ class Evolution:
         with torch.no_grad():
             return self.evaluator(runnable)
 
+    def _score(self, runnable) -> Scored:
+        with torch.no_grad():
+            return self.fitness.score(runnable)
+
     def run_trial(self, study: optuna.Study) -> TrialTiming:
         start = time.perf_counter()
         trial = study.ask()
@@ -232,13 +238,14 @@ class Evolution:
             runnable = self.candidates.apply(values)
             merge_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            result = self._evaluate(runnable)
+            scored = self._score(runnable)
+            result = scored.result
             eval_s = time.perf_counter() - t1
-            if not math.isfinite(result.score):
-                raise FloatingPointError(f"evaluator returned {result.score}")
-            score = result.score
-            record.update(score=score, metrics=result.metrics, items=result.items)
-            for k, v in result.metrics.items():
+            if not math.isfinite(scored.value):
+                raise FloatingPointError(f"evaluator returned {scored.value}")
+            score = scored.value
+            record.update(score=score, metrics=result.metrics, items=result.items, fitness=scored.record())
+            for k, v in {**result.metrics, **scored.attrs()}.items():
                 trial.set_user_attr(k, v)
         except Exception as e:  # a bad candidate fails alone; the run goes on
             record.update(error=f"{describe(e)}", traceback=traceback.format_exc(limit=3))
@@ -255,6 +262,7 @@ class Evolution:
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, score)
+            self.fitness.adopt(trial.number, scored)
         return TrialTiming(trial.number, score, merge_s, eval_s, time.perf_counter() - start)
 
     # -- baselines ----------------------------------------------------------------------------
@@ -270,7 +278,8 @@ class Evolution:
             grids = getattr(self.evaluator, "grid_dir", None)  # image grids: the report shows each baseline's
             if grids is not None and (grids / "latest.png").exists():
                 shutil.copyfile(grids / "latest.png", grids / f"baseline-{name}.png")
-            done[name] = {"score": result.score, "metrics": result.metrics}
+            # per-item scores order the items for racing and estimated fitness
+            done[name] = {"score": result.score, "metrics": result.metrics, "values": result.values}
             write_json_atomic(self.paths.baselines, done)
             self.console.print(f"baseline [bold]{name}[/]: {result.score:.4f}")
         return done
@@ -285,6 +294,8 @@ class Evolution:
         if retired:
             self.console.print(f"resuming: {retired} interrupted trial(s) will be redone")
         baselines = self.score_baselines()
+        self.fitness.prepare(self.paths.root, [b.get("values", []) for b in baselines.values()])
+        self._recover_incumbent(study)
         timings: list[TrialTiming] = []
         from evomerge.progress import trial_progress
 
@@ -300,8 +311,9 @@ class Evolution:
                     self._write_best(study)
         outcome = EvolveOutcome(self.paths.root, None, {}, timings, baselines)
         if _has_complete(study):
-            self._write_best(study)
-            outcome.best_value, outcome.best_values = study.best_value, dict(study.best_params)
+            self._write_best(study, self._rescore_best(study))
+            best = json.loads(self.paths.best.read_text())
+            outcome.best_value, outcome.best_values = best["score"], best["values"]
         if timings:
             self.console.print(timing_table(timings))
         if export_best and outcome.best_values:
@@ -310,15 +322,47 @@ class Evolution:
             self.console.print(f"best model written to {out}")
         return outcome
 
-    def _write_best(self, study: optuna.Study) -> None:
-        t = study.best_trial
-        write_json_atomic(self.paths.best, {"trial": t.number, "score": t.value,
-                                            "values": t.params, "metrics": t.user_attrs})
+    def _write_best(self, study: optuna.Study, rescored: dict | None = None) -> None:
+        """best.json: the best trial, or (estimated fitness) the best of the re-scored trials
+        with its full-set score and metrics."""
+        t = study.best_trial if rescored is None else study.trials[rescored["trial"]]
+        best = {"trial": t.number, "score": t.value, "values": t.params, "metrics": t.user_attrs}
+        if rescored is not None:
+            best.update(score=rescored["score"], estimate=t.value,
+                        metrics={**t.user_attrs, **rescored["metrics"], "fitness_full": True})
+        elif not t.user_attrs.get("fitness_full", True):
+            best["estimated"] = True  # a trial scored on anchors only: re-scored at the end
+        write_json_atomic(self.paths.best, best)
+
+    # -- racing and estimated fitness ---------------------------------------------------------
+
+    def _fitness_record(self, number: int) -> dict:
+        return json.loads((self.paths.trials / f"{number:05d}.json").read_text())["fitness"]
+
+    def _recover_incumbent(self, study: optuna.Study) -> None:
+        """A resumed run races against the best fully scored trial it had (its per-item scores
+        are in its trial record)."""
+        full = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("fitness_full")]
+        if full and self.fitness.mode != "full":
+            t = max(full, key=lambda t: t.value)
+            self.fitness.recover([(t.number, t.value, self._fitness_record(t.number))])
+
+    def _rescore_best(self, study: optuna.Study) -> dict | None:
+        """Estimated fitness: the best trials by estimate, re-scored on every item."""
+        if self.fitness.mode != "estimated":
+            return None
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        top = sorted(complete, key=lambda t: -t.value)[:self.fitness.rescore]
+        with torch.no_grad():
+            return self.fitness.finalize(
+                self.paths.root, [(t.number, t.value, self._fitness_record(t.number)) for t in top],
+                lambda number: self.candidates.apply(study.trials[number].params), log=self.console.print)
 
     def _card_note(self, study: optuna.Study) -> str:
-        t = study.best_trial
+        best = json.loads(self.paths.best.read_text())
         return (f"## Evolution\n\nBest of {len(_finished(study))} trials ({self.sampler_kind}): "
-                f"trial {t.number}, score {t.value:.4f} on the search set.")
+                f"trial {best['trial']}, score {best['score']:.4f} on the search set.")
 
 
 def _has_complete(study: optuna.Study) -> bool:
