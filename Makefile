@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint setup clean
+.PHONY: demo test bench bench-fitness lint setup clean
 
 KERNELS := setup.py evomerge/merging/_kernels.c evomerge/merging/_kernels_body.h
 
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_merge.py
+
+bench-fitness: $(STAMP)
+	$(BIN)/python benchmarks/bench_fitness.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check evomerge tests benchmarks

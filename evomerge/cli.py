@@ -180,7 +180,7 @@ def demo(
     cache_dir: Annotated[Path | None, typer.Option(help="built worlds (default ~/.cache/evomerge/miniworld)")] = None,
     trials: Annotated[int | None, typer.Option(help="trials (default: the recipe's)")] = None,
     fitness: Annotated[str, typer.Option(help="full: every trial scores every problem; fast: estimated "
-                                              "from 100, the best re-scored on all")] = "full",
+                                              "from 200, the best re-scored on all")] = "full",
 ) -> None:
     """The mini-world: an evolved merge beats its sources and fixed merges on held-out data, on a CPU.
 

@@ -12,6 +12,7 @@ import yaml
 
 from evomerge.evaluators.base import ItemEvaluator, Result
 from evomerge.pipelines.evolve import Evolution
+from evomerge.pipelines.report import write_report
 from evomerge.pipelines.fitness import (
     Fitness,
     cannot_win,
@@ -201,6 +202,9 @@ def test_racing_run_records_stopped_trials_and_resumes_the_same_comparison(llama
     attrs = [t.user_attrs for t in study.trials]
     assert sum(a["items_scored"] for a in attrs) == sum(len(r["fitness"]["items"]) for r in everything.values())
     assert search_cost(attrs, run)["items_scored"] < 14 * 40
+    report = write_report(run)["summary"].read_text()
+    t = study.trials[max(n for n, r in everything.items() if r["fitness"]["stopped"])]
+    assert f" {t.number}:{t.user_attrs['items_scored']}* " in report + " "
 
 
 def test_estimated_run_rescores_the_best_on_every_item(llama_fp32, tmp_path):
@@ -228,3 +232,6 @@ def test_estimated_run_rescores_the_best_on_every_item(llama_fp32, tmp_path):
     again = Evolution(recipe, run_dir=run).run(show_progress=False)
     assert again.best_value == outcome.best_value
     assert json.loads((run / "rescored.json").read_text()) == rescored
+    summary = write_report(run)["summary"].read_text()
+    assert f"trial {best['trial']} with {best['score']:.4f}" in summary
+    assert f"{best['trial']}:30" in summary.split("re-scored on every item")[1].splitlines()[0]

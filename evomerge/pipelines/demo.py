@@ -34,9 +34,9 @@ def template_path() -> Path:
     return path
 
 
-# --fitness fast: each trial scores 100 of the 1000 search problems; the 5 best trials by that
+# --fitness fast: each trial scores 200 of the 1000 search problems; the 5 best trials by that
 # estimate are scored on all of them at the end (see evomerge.pipelines.fitness and the README)
-FITNESS = {"full": None, "fast": {"mode": "estimated", "anchors": 100, "rescore": 5}}
+FITNESS = {"full": None, "fast": {"mode": "estimated", "anchors": 200, "rescore": 5}}
 
 
 def concrete_recipe(world: Path, seed: int, template: Path | None = None, fitness: str = "full") -> str:

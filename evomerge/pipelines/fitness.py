@@ -335,3 +335,22 @@ def search_cost(trial_attrs: Iterable[dict], run_dir: Path) -> dict:
             items += entry["items_scored"]
             seconds += entry["evaluate_seconds"]
     return {"items_scored": int(items), "evaluate_seconds": round(seconds, 1)}
+
+
+
+def cost_rows(trials: Sequence[Any], run_dir: Path) -> list[tuple[str, str]]:
+    """Rows for a run's report: the items the search scored, in all and per trial (``*``:
+    stopped by racing), and those of the final re-scores (``*``: stopped)."""
+    counted = [t for t in trials if "items_scored" in t.user_attrs]
+    if not counted:
+        return []
+    cost = search_cost([t.user_attrs for t in counted], run_dir)
+    rows = [("items scored (search)", f"{cost['items_scored']:,} in {cost['evaluate_seconds']:.0f} s of evaluation"),
+            ("items scored per trial", " ".join(
+                f"{t.number}:{t.user_attrs['items_scored']}{'*' if t.user_attrs.get('stopped') else ''}"
+                for t in counted))]
+    path = Path(run_dir) / RESCORED_FILE
+    if path.exists():
+        rows.append(("re-scored on every item (trial:items)", " ".join(
+            f"{e['trial']}:{e['items_scored']}{'' if e['full'] else '*'}" for e in json.loads(path.read_text()).values())))
+    return rows

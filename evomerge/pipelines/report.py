@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.errors import EvomergeError
 from evomerge.pipelines import report_page, report_plots
 from evomerge.pipelines.evolve import INTERRUPTED, RunPaths, default_popsize, open_storage
+from evomerge.pipelines.fitness import cost_rows
 from evomerge.recipe import Recipe, load_recipe
 
 NOT_METRICS = {"merge_s", "eval_s", "total_s", "reason", "stopped"}
@@ -140,13 +141,16 @@ def gather(run_dir: Path, out: Path) -> dict:
     if not done:
         raise EvomergeError(f"{run_dir}: no completed trial yet; nothing to report")
     best = max(done, key=lambda t: t.value)
-    best_metrics = trial_metrics(run_dir, best)
-    metric = metric_label(recipe, best.value, best_metrics)
+    best_score, best_metrics = best.value, trial_metrics(run_dir, best)
+    winner = _json(RunPaths(run_dir).best) or {}
+    if "estimate" in winner:  # estimated fitness: the best of the trials re-scored on every item
+        best, best_score, best_metrics = study.trials[winner["trial"]], winner["score"], winner["metrics"]
+    metric = metric_label(recipe, best_score, best_metrics)
     baselines = _json(run_dir / "baselines.json") or {}
     kinds = {b["name"]: ("source" if "source" in b else "fixed merge") for b in recipe.baselines}
     rows = [{"model": f"baseline: {n}", "kind": kinds.get(n, "baseline"), "score": b["score"],
              "metrics": b.get("metrics") or {}} for n, b in baselines.items()]
-    rows.append({"model": f"evolved (trial {best.number})", "kind": "evolved", "score": best.value,
+    rows.append({"model": f"evolved (trial {best.number})", "kind": "evolved", "score": best_score,
                  "metrics": best_metrics})
     names = list(dict.fromkeys(k for r in rows for k, v in r["metrics"].items()
                                if k != "score" and isinstance(v, (int, float)) and not isinstance(v, bool)))
@@ -191,15 +195,15 @@ def gather(run_dir: Path, out: Path) -> dict:
             "path": report_plots.importance(out / "importance.png", scores, title="which values matter")})
     else:
         notes.append(why)
-    figures += image_grids(run_dir, out, baselines, best.value)
+    figures += image_grids(run_dir, out, baselines, best_score)
     storage = RunPaths(run_dir).storage().removeprefix("journal:")  # optuna-dashboard takes a journal's path
     counted = counts["complete"] + counts["failed"] + counts["stopped"]
     return {"name": recipe.name, "metric": metric, "rows": rows, "metric_names": names,
             "headline": f"{metric}, higher is better. {counted} trials ({recipe.search.sampler}), best: "
-                        f"trial {best.number} with {best.value:.4f}.",
+                        f"trial {best.number} with {best_score:.4f}.",
             "notes": notes, "test": test_results(run_dir), "sources": sources(recipe), "figures": figures,
             "best": {"trial": best.number, "values": dict(best.params)},
-            "timing": timing_rows(run_dir, trials, counts), "recipe_text": (run_dir / "recipe.yaml").read_text(),
+            "timing": timing_rows(run_dir, trials, counts) + cost_rows(trials, run_dir), "recipe_text": (run_dir / "recipe.yaml").read_text(),
             "dashboard": f"optuna-dashboard {storage}", "storage": storage}
 
 
