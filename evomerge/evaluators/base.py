@@ -80,6 +80,14 @@ class ItemEvaluator(Evaluator, Protocol):
     def score_items(self, runnable: Any, indices: Sequence[int]) -> Result: ...
 
 
+class ScoresItems:
+    """A base for :class:`ItemEvaluator` classes (they define ``n_items`` and ``score_items``):
+    calling one scores every item."""
+
+    def __call__(self, runnable: Any) -> Result:
+        return self.score_items(runnable, range(self.n_items))  # type: ignore[attr-defined]
+
+
 EvaluatorFactory = Callable[[dict, "str | Path | None"], Evaluator]
 
 # kind -> factory, or "module:attribute" of a factory imported on first use.

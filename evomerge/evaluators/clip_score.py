@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import EvomergeError, describe
-from evomerge.evaluators.base import Result
+from evomerge.evaluators.base import Result, ScoresItems
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -223,7 +223,7 @@ SAMPLING_KEYS = {"steps": "num_inference_steps", "guidance_scale": "guidance_sca
                  "width": "width"}
 
 
-class ClipScoreEvaluator:
+class ClipScoreEvaluator(ScoresItems):
     """CLIP score of a text-to-image pipeline on a prompt list.
 
     Spec keys:
@@ -303,9 +303,6 @@ class ClipScoreEvaluator:
     @property
     def n_items(self) -> int:
         return len(self.prompts)
-
-    def __call__(self, runnable: Any) -> Result:
-        return self.score_items(runnable, range(self.n_items))
 
     def score_items(self, runnable: Any, indices: Iterable[int]) -> Result:
         """Sample and score the prompts at ``indices`` only (racing, estimated fitness); grids

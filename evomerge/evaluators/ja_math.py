@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluators.base import Result
+from evomerge.evaluators.base import Result, ScoresItems
 from evomerge.evaluators.data import load_rows, read_jsonl
 from evomerge.evaluators.generation import (
     Generated,
@@ -295,7 +295,7 @@ def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class JaMathEvaluator:
+class JaMathEvaluator(ScoresItems):
     """MGSM-JA-style accuracy of a transformers causal LM.
 
     Spec keys (all optional but the data source):
@@ -380,9 +380,6 @@ class JaMathEvaluator:
     @property
     def n_items(self) -> int:
         return len(self.problems)
-
-    def __call__(self, runnable: Any) -> Result:
-        return self.score_items(runnable, range(self.n_items))
 
     def score_items(self, runnable: Any, indices: Iterable[int]) -> Result:
         """Generate and score the problems at ``indices`` only (racing, estimated fitness)."""

@@ -15,11 +15,12 @@ its ``score`` is the ROUGE-L with the Japanese rule (Sakana's ``rougeL_ja``).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError, describe
-from evomerge.evaluators.base import Result
+from evomerge.evaluators.base import Result, ScoresItems
 from evomerge.evaluators.data import load_rows
 from evomerge.evaluators.generation import load_pretrained, prepare_tokenizer
 from evomerge.evaluators.ja_rouge import aggregate, rouge_scores, score_pairs
@@ -248,7 +249,7 @@ def single_image_processor(processor: Any) -> Any:
 MODEL_CLASSES = ("auto", "llava")
 
 
-class JaVQAEvaluator:
+class JaVQAEvaluator(ScoresItems):
     """Japanese VQA ROUGE-L of a LLaVA / LLaVA-NeXT model (the EvoVLM-JP metric).
 
     Spec keys (all optional but the data source):
@@ -373,9 +374,6 @@ class JaVQAEvaluator:
     @property
     def n_items(self) -> int:
         return len(self.examples)
-
-    def __call__(self, runnable: Any) -> Result:
-        return self.score_items(runnable, range(self.n_items))
 
     def score_items(self, runnable: Any, indices: Iterable[int]) -> Result:
         """Answer and score the examples at ``indices`` only (racing, estimated fitness). The

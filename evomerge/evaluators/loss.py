@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluators.base import Result
+from evomerge.evaluators.base import Result, ScoresItems
 from evomerge.evaluators.data import load_rows
-from evomerge.evaluators.ja_math import load_tokenizer, prepare_tokenizer
+from evomerge.evaluators.generation import load_tokenizer, prepare_tokenizer
 
 
-class LossEvaluator:
+class LossEvaluator(ScoresItems):
     """Mean per-token log-likelihood of each text (spec: ``data``, ``text_field`` ("text"),
     ``limit``, ``batch_size`` (16), ``max_length`` (512 tokens, longer texts are cut))."""
 
@@ -57,9 +57,6 @@ class LossEvaluator:
     @property
     def n_items(self) -> int:
         return len(self.texts)
-
-    def __call__(self, runnable: Any) -> Result:
-        return self.score_items(runnable, range(self.n_items))
 
     def score_items(self, runnable: Any, indices: Iterable[int]) -> Result:
         """Score the texts at ``indices`` only (racing, estimated fitness)."""
