@@ -12,7 +12,6 @@ import yaml
 
 from evomerge.evaluators.base import ItemEvaluator, Result
 from evomerge.pipelines.evolve import Evolution
-from evomerge.pipelines.report import write_report
 from evomerge.pipelines.fitness import (
     Fitness,
     cannot_win,
@@ -22,6 +21,7 @@ from evomerge.pipelines.fitness import (
     search_cost,
     worse_p_value,
 )
+from evomerge.pipelines.report import write_report
 
 
 class Answers:
@@ -235,3 +235,16 @@ def test_estimated_run_rescores_the_best_on_every_item(llama_fp32, tmp_path):
     summary = write_report(run)["summary"].read_text()
     assert f"trial {best['trial']} with {best['score']:.4f}" in summary
     assert f"{best['trial']}:30" in summary.split("re-scored on every item")[1].splitlines()[0]
+
+
+def test_demo_fitness_choice_is_recorded_in_its_recipe(tmp_path):
+    from evomerge.errors import EvomergeError
+    from evomerge.pipelines.demo import concrete_recipe
+    from evomerge.recipe import load_recipe
+
+    for choice, mode in (("full", "full"), ("fast", "estimated")):
+        path = tmp_path / f"{choice}.yaml"
+        path.write_text(concrete_recipe(tmp_path / "world", 0, fitness=choice))
+        assert load_recipe(path).search.fitness.mode == mode
+    with pytest.raises(EvomergeError, match="--fitness 'quick': use full or fast"):
+        concrete_recipe(tmp_path / "world", 0, fitness="quick")
