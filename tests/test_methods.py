@@ -6,7 +6,8 @@ import pytest
 import reference as ref
 import torch
 
-from evomerge.merging.methods import METHODS, get_method
+from evomerge.errors import EvomergeError
+from evomerge.merging.registry import get_method, method_names
 from evomerge.merging.sparsify import (
     dare_drop,
     kth_largest_magnitude,
@@ -23,8 +24,40 @@ def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(dtype)
 
 
-def test_registry_has_the_foundation_methods():
-    assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"} <= set(METHODS)
+def test_registry_has_mergekits_methods():
+    assert set(method_names()) == {
+        "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough",
+        "model_stock", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce",
+        "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"}
+
+
+def test_signatures_declare_values_and_options():
+    ties = get_method("ties")
+    density = ties.param("density")
+    assert (density.default, density.per_source, density.bounds) == (1.0, True, (0.0, 1.0))
+    assert ties.param("lambda").per_source is False  # the Python argument is lambda_
+    assert ties.options == {"tie_order": (("index", "mergekit"), "index")}
+    assert get_method("dare_ties").needs_rng and not ties.needs_rng
+    assert get_method("model_stock").base == "required" and get_method("nuslerp").base == "optional"
+
+
+def test_a_method_refuses_options_it_does_not_take():
+    with pytest.raises(EvomergeError, match="merge.tie_order: method 'linear' has no option"):
+        get_method("linear").bind_options({"tie_order": "index"})
+    with pytest.raises(EvomergeError, match="merge.rescale: 'l2'; use one of inverse, l1, none"):
+        get_method("dare_ties").bind_options({"rescale": "l2"})
+    assert get_method("dare_ties").bind_options({"rescale": "l1"}) == {"rescale": "l1"}
+
+
+def test_inputs_a_method_cannot_take_are_refused():
+    with pytest.raises(EvomergeError, match="'ties' merges task vectors: set `base`"):
+        get_method("ties").check_inputs(has_base=False, n_sources=2)
+    with pytest.raises(EvomergeError, match="'nearswap' reads the base model"):
+        get_method("nearswap").check_inputs(has_base=False, n_sources=1)
+    with pytest.raises(EvomergeError, match="'slerp' takes exactly 2 models"):
+        get_method("slerp").check_inputs(has_base=False, n_sources=3)
+    with pytest.raises(EvomergeError, match="'model_stock' takes at least 2 models"):
+        get_method("model_stock").check_inputs(has_base=True, n_sources=1)
 
 
 def test_unknown_method_names_the_choices():

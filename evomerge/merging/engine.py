@@ -84,10 +84,7 @@ class MergeEngine:
     def __init__(self, adapter, reference: TensorSource, base: TensorSource | None,
                  sources: list[TensorSource], method: MergeMethod, *, dtype: torch.dtype,
                  device: str = "cpu", seed: int = 0, options: Mapping[str, str] | None = None):
-        if method.on_deltas and base is None:
-            raise EvomergeError(f"method {method.name!r} merges task vectors: set `base` (the common ancestor)")
-        if method.exact_sources and len(sources) != method.exact_sources:
-            raise EvomergeError(f"method {method.name!r} takes exactly {method.exact_sources} models, got {len(sources)}")
+        method.check_inputs(base is not None, len(sources))
         self.adapter, self.reference, self.base, self.sources = adapter, reference, base, sources
         self.method, self.dtype, self.device, self.seed = method, dtype, device, seed
         self.options = method.bind_options(options or {})  # e.g. tie_order, rescale
@@ -101,7 +98,12 @@ class MergeEngine:
 
     @property
     def inputs(self) -> list[TensorSource]:
-        return ([self.base] if self.method.on_deltas else []) + self.sources
+        return ([self.base] if self.reads_base else []) + self.sources
+
+    @property
+    def reads_base(self) -> bool:
+        """Whether the method reads the base (task-vector origin, or a tensor it uses)."""
+        return self.base is not None and self.method.takes_base(True)
 
     def _plan(self) -> list[Job]:
         jobs = []
@@ -160,13 +162,13 @@ class MergeEngine:
             stacked = torch.empty((n, *shape), dtype=self.dtype)
         reads = [(src, stacked[i]) for i, src in enumerate(self.sources)]
         base = None
-        if self.method.on_deltas:
+        if self.reads_base:
             base = pool.get("base", shape, self.dtype) if pool is not None else torch.empty(shape, dtype=self.dtype)
             reads.append((self.base, base))
         # one thread per file read: copying out of the page cache is most of a read's cost
         parallel_map(lambda read: self._read_into(read[0], job, read[1]), reads,
                      parallel=stacked.nbytes >= PARALLEL_READ_BYTES)
-        if base is not None:
+        if base is not None and self.method.on_deltas:
             subtract_base(stacked, base)
         return base, stacked
 
@@ -185,10 +187,11 @@ class MergeEngine:
             return (t[: job.rows] if job.rows is not None else t).to(self.device)
 
         stacked = torch.stack([read(s) for s in self.sources])
-        if not self.method.on_deltas:
+        if not self.reads_base:
             return None, stacked
         base = read(self.base)
-        stacked -= base
+        if self.method.on_deltas:
+            stacked -= base
         return base, stacked
 
     def _merge(self, job: Job, base: torch.Tensor | None, stacked: torch.Tensor,
@@ -202,8 +205,13 @@ class MergeEngine:
         merged = fused.merge(self.method, stacked, values, base=base, out=out, prepared=prepared)
         if merged is not None:  # the kernels took it (base added, written into ``out``)
             return merged
-        result = self.method(stacked, **values)
-        result = (base + result).to(self.dtype) if base is not None else result
+        if self.method.on_deltas:
+            result = base + self.method(stacked, **values)
+        elif base is not None:  # a method on the models that also reads the base
+            result = self.method(stacked, base=base, **values)
+        else:
+            result = self.method(stacked, **values)
+        result = result.to(self.dtype)
         return result if out is None else out.copy_(result)
 
     # -- the two targets ----------------------------------------------------------------------

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 
 from evomerge.merging import kernels
-from evomerge.merging.methods import dare, each
-from evomerge.merging.registry import Floats, MergeMethod
+from evomerge.merging.methods import dare
+from evomerge.merging.registry import Floats, MergeMethod, each
 from evomerge.merging.sparsify import kth_largest_magnitude
 from evomerge.merging.threads import CHUNK, for_chunks, parallel_map, thread_count
 

@@ -29,9 +29,6 @@ from typing import Annotated
 import torch
 
 from evomerge.merging.registry import (
-    REGISTRY as METHODS,
-)
-from evomerge.merging.registry import (
     Densities,
     Flag,
     Floats,
@@ -40,21 +37,18 @@ from evomerge.merging.registry import (
     MergeMethod,
     Option,
     Scale,
+    Value,
     Weights,
+    each,
     get_method,
     merge_method,
 )
-from evomerge.merging.sparsify import dare_drop, magnitude_trim
+from evomerge.merging.sparsify import dare_drop, magnitude_trim, magprune, outlier_trim, rescale_l1
 
-__all__ = ["METHODS", "MergeMethod", "get_method", "each", "dare"]
+__all__ = ["MergeMethod", "get_method", "each", "dare"]
 
 TieOrder = Annotated[str, Option(("index", "mergekit"))]
 Rescale = Annotated[str, Option(("inverse", "l1", "none"))]
-
-
-def each(values: Floats | float, stacked: torch.Tensor) -> list[float]:
-    """A per-source value as one number per source (a bare default applies to every source)."""
-    return list(values) if isinstance(values, Sequence) else [values] * len(stacked)
 
 
 def _column(values: Floats, like: torch.Tensor) -> torch.Tensor:
@@ -136,6 +130,100 @@ def dare_linear(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
                     normalize=normalize, lam=lambda_)
 
 
+# --- more sparsifications (mergekit's generalized task arithmetic) ---------------------------
+
+Gammas = Annotated[Floats, Value(per_source=True, bounds=(0.0, 1.0))]
+Epsilons = Annotated[Floats, Value(per_source=True, bounds=(0.0, 0.5))]
+
+
+def _breadcrumbs(deltas, weight, density, gamma, *, consensus, normalize, lambda_, rescale):
+    trimmed = []
+    for d, p, g in zip(deltas, each(density, deltas), each(gamma, deltas), strict=True):
+        kept = outlier_trim(d, p, g)
+        trimmed.append(rescale_l1(kept, d) if rescale and p < 1 else kept)
+    return _combine(torch.stack(trimmed), weight, consensus=consensus, normalize=normalize,
+                    lam=lambda_)
+
+
+@merge_method("breadcrumbs", inputs="deltas")
+def breadcrumbs(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
+                gamma: Gammas = 0.01, *, normalize: Flag = False, lambda_: Scale = 1.0,
+                rescale: Flag = False) -> torch.Tensor:
+    """Model Breadcrumbs: each task vector loses its ``gamma`` (per model, default 0.01) largest
+    entries and its smallest, keeping ``density`` (default 1); then a weighted sum (``weight``
+    per model; ``normalize`` divides by the weights' sum, default false; times ``lambda``,
+    default 1). ``rescale`` (default false) restores each trimmed vector's L1 norm."""
+    return _breadcrumbs(deltas, weight, density, gamma, consensus=False, normalize=normalize,
+                        lambda_=lambda_, rescale=rescale)
+
+
+@merge_method("breadcrumbs_ties", inputs="deltas")
+def breadcrumbs_ties(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
+                     gamma: Gammas = 0.01, *, normalize: Flag = False, lambda_: Scale = 1.0,
+                     rescale: Flag = False) -> torch.Tensor:
+    """Breadcrumbs' trim (``density``, ``gamma`` per model), then TIES's sign election among the
+    weighted vectors (``normalize`` default false, ``lambda`` 1, ``rescale`` false)."""
+    return _breadcrumbs(deltas, weight, density, gamma, consensus=True, normalize=normalize,
+                        lambda_=lambda_, rescale=rescale)
+
+
+def _della(deltas, weight, density, epsilon, rng, *, consensus, normalize, lambda_, rescale):
+    pruned = torch.stack([magprune(d, p, e, g, rescale) for d, p, e, g in zip(
+        deltas, each(density, deltas), each(epsilon, deltas), rng, strict=True)])
+    return _combine(pruned, weight, consensus=consensus, normalize=normalize, lam=lambda_)
+
+
+@merge_method("della", inputs="deltas")
+def della(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
+          epsilon: Epsilons = 0.15, *, rng: Generators, normalize: Flag = True,
+          lambda_: Scale = 1.0, rescale: Flag = True) -> torch.Tensor:
+    """DELLA: MagPrune keeps each task-vector entry with probability density -/+ ``epsilon``
+    (per model, default 0.15) by its magnitude rank in its row, ``rescale`` (default true)
+    restores the L1 norm; then TIES's sign election, ``normalize`` (default true), ``lambda``.
+    density +/- epsilon must lie inside (0, 1). Random: the per-tensor seeded generators."""
+    return _della(deltas, weight, density, epsilon, rng, consensus=True, normalize=normalize,
+                  lambda_=lambda_, rescale=rescale)
+
+
+@merge_method("della_linear", inputs="deltas")
+def della_linear(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
+                 epsilon: Epsilons = 0.15, *, rng: Generators, normalize: Flag = False,
+                 lambda_: Scale = 1.0, rescale: Flag = True) -> torch.Tensor:
+    """DELLA's MagPrune (as ``della``), then a weighted sum (``normalize`` default false)."""
+    return _della(deltas, weight, density, epsilon, rng, consensus=False, normalize=normalize,
+                  lambda_=lambda_, rescale=rescale)
+
+
+@merge_method("sce", inputs="deltas")
+def sce(deltas: torch.Tensor, *, select_topk: Fraction = 1.0) -> torch.Tensor:
+    """SCE (select, calculate, erase): keep the ``select_topk`` fraction (default 1) of entries
+    whose values vary most across the task vectors; weigh each vector by its mean square (share
+    of the total); drop entries against the elected sign; weighted average. No per-model
+    weights."""
+    if select_topk < 1:
+        deltas = deltas * _varying(deltas, select_topk)
+    majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    agree = deltas.sign() == majority
+    energy = deltas.square().reshape(len(deltas), -1).mean(dim=1)
+    total = float(energy.sum())
+    weights = torch.ones_like(energy) / len(energy) if abs(total) < 1e-6 else energy / total
+    kept = weights.reshape((-1,) + (1,) * (deltas.dim() - 1)) * agree
+    return (deltas * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+
+
+def _varying(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
+    """SCE's selection: 1 at the ``fraction`` of (non-constant) entries of largest variance
+    across the task vectors, 0 elsewhere, in their dtype."""
+    if fraction <= 0:
+        return torch.zeros_like(deltas[0])
+    var = torch.var(deltas, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * fraction)
+    mask = torch.zeros_like(var)
+    if k:
+        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+    return mask
+
+
 # --- methods on the models themselves --------------------------------------------------------
 
 
@@ -151,29 +239,3 @@ def linear(tensors: torch.Tensor, weight: Weights, *, normalize: Flag = True) ->
     if normalize:
         acc.div_(w.sum())
     return acc.to(tensors.dtype)
-
-
-SLERP_DOT_THRESHOLD = 0.9995  # closer to (anti)collinear than this: interpolate linearly
-NORM_EPS = 1e-8
-
-
-@merge_method("slerp", inputs="models", sources=2)
-def slerp(tensors: torch.Tensor, *, t: Fraction) -> torch.Tensor:
-    """Spherical interpolation from the first tensor (t=0) to the second (t=1), whole tensor.
-
-    Falls back to linear interpolation when the two are (anti)collinear.
-    """
-    work = torch.float64 if tensors.dtype == torch.float64 else torch.float32
-    t = torch.tensor(float(t)).to(work).to(tensors.device)  # t in float32 first, as mergekit has it
-    a, b = tensors[0].to(work), tensors[1].to(work)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > NORM_EPS else torch.ones_like(na)
-    nb = nb if nb > NORM_EPS else torch.ones_like(nb)
-    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    if dot.abs() > SLERP_DOT_THRESHOLD:
-        ca, cb = 1 - t, t
-    else:
-        theta = torch.acos(dot)
-        ca = torch.sin((1 - t) * theta) / torch.sin(theta)
-        cb = torch.sin(t * theta) / torch.sin(theta)
-    return (ca * a + cb * b).to(tensors.dtype)

@@ -10,6 +10,8 @@ import hashlib
 
 import torch
 
+from evomerge.errors import EvomergeError
+
 
 def topk_mask(x: torch.Tensor, density: float, tie_order: str = "index") -> torch.Tensor:
     """Boolean mask of the ``max(1, int(density * numel))`` entries of largest magnitude.
@@ -120,3 +122,48 @@ def rng_for(seed: int, tensor_name: str, source_index: int, device: torch.device
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
     return g
+
+
+def outlier_trim(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes (outliers), then the
+    smallest, so that a ``density`` fraction is kept. When density + gamma > 1 fewer outliers
+    go. Ties in magnitude are ordered by flat index."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    mag = delta.abs().reshape(-1)
+    mag = mag.float() if mag.device.type == "cpu" else mag
+    order = torch.sort(mag, stable=True).indices
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[bottom:bottom + keep]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def magprune(delta: torch.Tensor, density: float, epsilon: float, rng: torch.Generator,
+             rescale: bool) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with a probability from density - epsilon (smallest
+    magnitude of its row) to density + epsilon (largest), by magnitude rank within the row
+    (a 1-d tensor is one row); rescale the survivors to the delta's L1 norm when ``rescale``.
+    Computed in float32 (bfloat16 stays bfloat16), as mergekit does."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise EvomergeError(f"della: density {density} and epsilon {epsilon}: density +/- epsilon "
+                            "must lie strictly between 0 and 1; lower epsilon")
+    work = (delta.dtype if delta.device.type != "cpu" or delta.dtype == torch.bfloat16
+            else torch.float32)
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(work) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    # a row of one entry has no rank spread: it keeps the plain density
+    spread = ((ranks - low) / (high - low)).nan_to_num(0.5).clamp(0, 1)
+    keep = torch.bernoulli((density - epsilon) + spread * 2 * epsilon, generator=rng).to(work)
+    original = rows.to(work)
+    kept = original * keep
+    if rescale:
+        kept = rescale_l1(kept, original)
+    return kept.to(delta.dtype).reshape(delta.shape)
