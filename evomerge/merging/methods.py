@@ -49,6 +49,7 @@ __all__ = ["MergeMethod", "get_method", "each", "dare"]
 
 TieOrder = Annotated[str, Option(("index", "mergekit"))]
 Rescale = Annotated[str, Option(("inverse", "l1", "none"))]
+L1Rescale = Annotated[str, Option(("l1", "none"))]  # mergekit's `rescale: true/false`
 
 
 def _column(values: Floats, like: torch.Tensor) -> torch.Tensor:
@@ -168,7 +169,7 @@ def breadcrumbs_ties(deltas: torch.Tensor, weight: Weights, density: Densities =
 
 
 def _della(deltas, weight, density, epsilon, rng, *, consensus, normalize, lambda_, rescale):
-    pruned = torch.stack([magprune(d, p, e, g, rescale) for d, p, e, g in zip(
+    pruned = torch.stack([magprune(d, p, e, g, rescale == "l1") for d, p, e, g in zip(
         deltas, each(density, deltas), each(epsilon, deltas), rng, strict=True)])
     return _combine(pruned, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
@@ -176,10 +177,10 @@ def _della(deltas, weight, density, epsilon, rng, *, consensus, normalize, lambd
 @merge_method("della", inputs="deltas")
 def della(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
           epsilon: Epsilons = 0.15, *, rng: Generators, normalize: Flag = True,
-          lambda_: Scale = 1.0, rescale: Flag = True) -> torch.Tensor:
+          lambda_: Scale = 1.0, rescale: L1Rescale = "l1") -> torch.Tensor:
     """DELLA: MagPrune keeps each task-vector entry with probability density -/+ ``epsilon``
-    (per model, default 0.15) by its magnitude rank in its row, ``rescale`` (default true)
-    restores the L1 norm; then TIES's sign election, ``normalize`` (default true), ``lambda``.
+    (per model, default 0.15) by its magnitude rank in its row; the option ``rescale``
+    (``l1``, the default, as mergekit's ``rescale: true``; or ``none``) restores the L1 norm; then TIES's sign election, ``normalize`` (default true), ``lambda``.
     density +/- epsilon must lie inside (0, 1). Random: the per-tensor seeded generators."""
     return _della(deltas, weight, density, epsilon, rng, consensus=True, normalize=normalize,
                   lambda_=lambda_, rescale=rescale)
@@ -188,7 +189,7 @@ def della(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
 @merge_method("della_linear", inputs="deltas")
 def della_linear(deltas: torch.Tensor, weight: Weights, density: Densities = 1.0,
                  epsilon: Epsilons = 0.15, *, rng: Generators, normalize: Flag = False,
-                 lambda_: Scale = 1.0, rescale: Flag = True) -> torch.Tensor:
+                 lambda_: Scale = 1.0, rescale: L1Rescale = "l1") -> torch.Tensor:
     """DELLA's MagPrune (as ``della``), then a weighted sum (``normalize`` default false)."""
     return _della(deltas, weight, density, epsilon, rng, consensus=False, normalize=normalize,
                   lambda_=lambda_, rescale=rescale)
