@@ -10,17 +10,20 @@ pre-sized shard, so the whole output never sits in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from queue import Queue
 
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.strict_io import read_json
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,45 +43,101 @@ class TensorEntry:
     nbytes: int
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a tensor name appears twice in the header")
+    return out
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse one .safetensors file's header: name -> where its bytes are."""
+    """Parse and check one .safetensors file's header: name -> where its bytes are.
+
+    Every entry must be an object with a known dtype, a shape of non-negative integers and
+    ``data_offsets`` whose span is exactly the shape's bytes, inside the file, overlapping no
+    other tensor: a header that lies would otherwise read another tensor's bytes (or none).
+    """
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:  # garbage: do not try to read (or allocate) a huge header
+            if length > min(size - 8, MAX_HEADER_BYTES):  # garbage: do not read (or allocate) it
                 raise ValueError(f"header length {length} exceeds the file size {size}")
-            header = json.loads(f.read(length))
+            header = json.loads(f.read(length), object_pairs_hook=_no_duplicates)
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
-    except (OSError, struct.error, ValueError) as e:
+    except (OSError, struct.error, ValueError, RecursionError) as e:
         raise EvomergeError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from None
+    data_start, data_size = 8 + length, size - 8 - length
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in DTYPES:
-            raise EvomergeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        problem = _entry_problem(info, data_size)
+        if problem:
+            raise EvomergeError(f"{path}: tensor {name}: {problem}; re-download or re-save the file")
         begin, end = info["data_offsets"]
-        if 8 + length + end > size:
-            raise EvomergeError(f"{path}: truncated (tensor {name} ends past the end of the file); "
+        entries[name] = TensorEntry(path, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin, end - begin)
+    spans = sorted((e.start, e.start + e.nbytes, n) for n, e in entries.items())
+    for (_, end, first), (begin, _, second) in pairwise(spans):
+        if begin < end:
+            raise EvomergeError(f"{path}: tensors {first} and {second} overlap in the file; "
                                 "re-download or re-save it")
-        entries[name] = TensorEntry(path, DTYPES[info["dtype"]], tuple(info["shape"]),
-                                    8 + length + begin, end - begin)
     return entries
+
+
+def _entry_problem(info: object, data_size: int) -> str | None:
+    """What is wrong with one header entry, or None."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        return "the header entry is not an object with dtype, shape and data_offsets"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"unsupported dtype {str(dtype)[:20]!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return "its shape is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"data_offsets {str(offsets)[:40]} are not two increasing non-negative integers"
+    if offsets[1] > data_size:
+        return "it ends past the end of the file (truncated?)"
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        return f"shape {shape} of {dtype} needs {nbytes} bytes, data_offsets span {offsets[1] - offsets[0]}"
+    return None
 
 
 def index_safetensors(folder: Path, stem: str) -> dict[str, TensorEntry]:
     """All tensors of the ``stem`` checkpoint in a folder (single file or sharded with an index)."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f.endswith(".safetensors") and Path(f).name == f for f in weight_map.values()):
+            raise EvomergeError(f"{index}: weight_map is not a mapping of tensor names to shard files "
+                                "in the folder; re-download or re-save it")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in folder.glob(f"{stem}*.safetensors"))
     entries: dict[str, TensorEntry] = {}
     for name in files:
-        entries.update(read_safetensors_header(folder / name))
+        entries.update(read_safetensors_header(inside_folder(folder, folder / name)))
     return entries
+
+
+def inside_folder(folder: Path, path: Path) -> Path:
+    """``path``, refused when a link takes it outside ``folder`` (a model folder that links to
+    ~/.ssh would have the key copied into the output). Links from a Hub cache snapshot into
+    its repo's ``blobs`` are how the cache stores files, and allowed."""
+    real, root = path.resolve(), folder.resolve()
+    allowed = [root] + [p.parent.parent.resolve() / "blobs" for p in [folder, *folder.absolute().parents]
+                        if p.parent.name == "snapshots"]
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise EvomergeError(f"{path}: a link to {real}, outside the model folder; copy the file into "
+                            "the folder instead of linking it")
+    return path
 
 
 def read_tensor(entry: TensorEntry, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.hub import require_hub
 
 # plain click help: flags read --force/--no-force, and logs get no box drawing
@@ -25,6 +25,15 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle/--no-allow-pickle", h
 PushToHub = Annotated[str | None, typer.Option(
     metavar="repo", help="then upload the folder to this Hub model repo (owner/name; HF_TOKEN)")]
 TrustCode = Annotated[bool, typer.Option("--trust-remote-code/--no-trust-remote-code", help="allow model code from the Hub")]
+AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite/--no-allow-nonfinite", help="merge sources holding NaN/inf values")]
+
+
+class Sampler(str, Enum):
+    """The search's sampler (a recipe's search.sampler)."""
+
+    cmaes = "cmaes"
+    random = "random"
+    tpe = "tpe"
 
 
 class TieOrder(str, Enum):
@@ -34,10 +43,42 @@ class TieOrder(str, Enum):
     mergekit = "mergekit"
 
 
-def default_device() -> str:
+def resolve_device(device: str) -> str:
+    """``--device`` checked against this machine (default: cuda when there is a GPU, else cpu)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise EvomergeError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise EvomergeError(f"--device {device}: no such CUDA GPU here ({torch.cuda.device_count()} visible); "
+                            "use --device cpu or another index")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise EvomergeError(f"--device {device}: MPS is not available here; use --device cpu")
+    return device
+
+
+def check_storage(storage: str | None) -> None:
+    """A ``--storage`` that names a database kind SQLAlchemy knows, or a journal in an existing folder."""
+    if storage is None:
+        return
+    if storage.startswith("journal:"):
+        folder = Path(storage.removeprefix("journal:")).expanduser().absolute().parent
+        if not folder.is_dir():
+            raise EvomergeError(f"--storage {storage}: folder {folder} does not exist")
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(storage).get_dialect()
+    except Exception as e:  # ArgumentError, NoSuchModuleError: all "not a URL we can open"
+        raise EvomergeError(f"--storage {storage!r}: not a database URL ({describe(e)}); use "
+                            "sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH") from None
 
 
 def recipe_and_values(path: Path):
@@ -79,6 +120,7 @@ def merge(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
     push_to_hub: PushToHub = None,
+    allow_nonfinite: AllowNonfinite = False,
     tie_order: Annotated[TieOrder | None, typer.Option(
         "--tie-order", help="TIES magnitude ties at the top-k threshold: lowest index first "
         "(index) or as mergekit breaks them (mergekit); overrides the recipe")] = None,
@@ -95,7 +137,8 @@ def merge(
 
     Example: evomerge merge examples/ties.yaml merged/ (or a run folder: its best values)
     """
-    from evomerge.pipelines.merge import merge_to_folder, open_session
+    from evomerge.atomic import check_output
+    from evomerge.recipe import input_paths
 
     if out_path is not None and out is not None and out_path != out:
         raise EvomergeError(f"two output folders ({out_path} and --out {out}): give one")
@@ -106,15 +149,19 @@ def merge(
         import logging
 
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO)
-    recipe, values = recipe_and_values(config)
+    recipe, values = recipe_and_values(config)  # a bad recipe is refused before torch is imported
+    source = config / "recipe.yaml" if config.is_dir() else recipe_file(config)  # RUN/best is a fine --out
+    check_output(out, force=force, inputs=[source, *input_paths(recipe)])  # before any model loads
     if push_to_hub:
         require_hub(f"--push-to-hub {push_to_hub}")
+    from evomerge.pipelines.merge import merge_to_folder, open_session
+
     if recipe.dfs is not None:  # a DFS run folder: write its best path as a stock checkpoint
         from evomerge.pipelines.dfs import DFSCandidates
 
         if not values:
             raise EvomergeError(f"{config}: a dfs recipe fixes no path; pass the run folder evolve wrote")
-        candidates = DFSCandidates(recipe, device=device or default_device(), allow_pickle=allow_pickle,
+        candidates = DFSCandidates(recipe, device=resolve_device(device), allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
         candidates.export(values, out, force=force)
         typer.echo(f"wrote {out}")
@@ -128,7 +175,7 @@ def merge(
 
     layout_options = out_shard_size is not None or not copy_tokenizer
     if needs_layout(recipe) or (layout_options and recipe.modality == "causal_lm" and not values):
-        merge_layout(recipe, out, device=device or default_device(), allow_pickle=allow_pickle,
+        merge_layout(recipe, out, device=resolve_device(device), allow_pickle=allow_pickle,
                      trust_remote_code=trust_remote_code, force=force, copy_tokenizer=copy_tokenizer,
                      shard_bytes=parse_size(out_shard_size) if out_shard_size else 5 * 10**9,
                      show_progress=not quiet)
@@ -137,8 +184,8 @@ def merge(
         return
     if layout_options:
         raise EvomergeError("--out-shard-size and --no-copy-tokenizer apply to causal_lm merges of fixed values")
-    session = open_session(recipe, device=device or default_device(), allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
+    session = open_session(recipe, device=resolve_device(device), allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite)
     merge_to_folder(session, out, values, force=force, show_progress=not quiet)
     typer.echo(f"wrote {out}")
     pushed(out, push_to_hub)
@@ -194,10 +241,10 @@ def demo(
 @app.command()
 def evolve(
     recipe_path: Annotated[Path, typer.Argument(metavar="recipe", help="evomerge recipe with merge.search and evaluator")],
-    trials: Annotated[int | None, typer.Option(help="total finished trials to reach (resumes)")] = None,
+    trials: Annotated[int | None, typer.Option(min=0, help="total finished trials to reach (resumes)")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage: a database URL, or journal:PATH (default: SQLite in the run folder)")] = None,
-    sampler: Annotated[str | None, typer.Option(help="cmaes (default), random or tpe")] = None,
+    sampler: Annotated[Sampler | None, typer.Option(help="the recipe's by default (cmaes unless it says)")] = None,
     export_best: Annotated[bool, typer.Option("--export-best/--no-export-best", help="write the best model to RUN/best")] = False,
     push_to_hub: PushToHub = None,
     device: Device = "",
@@ -214,8 +261,10 @@ def evolve(
         raise EvomergeError("--push-to-hub uploads the exported best model: add --export-best")
     if push_to_hub:
         require_hub(f"--push-to-hub {push_to_hub}")
-    evo = Evolution(recipe_file(recipe_path), run_dir=run_dir, storage=storage, sampler=sampler,
-                    device=device or default_device(), allow_pickle=allow_pickle,
+    check_storage(storage)
+    evo = Evolution(recipe_file(recipe_path), run_dir=run_dir, storage=storage,
+                    sampler=sampler.value if sampler else None,
+                    device=resolve_device(device), allow_pickle=allow_pickle,
                     trust_remote_code=trust_remote_code)
     outcome = evo.run(trials, export_best=export_best)
     score = "none (no trial completed)" if outcome.best_value is None else f"{outcome.best_value:.4g}"
@@ -334,6 +383,7 @@ def score_clip(
     model_config: Annotated[Path | None, typer.Option(help="local open_clip model config JSON")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="weights for --model-config")] = None,
     device: Annotated[str, typer.Option(help="where CLIP runs (default: cuda if available)")] = "",
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """CLIP score of existing images: mean of 100 x max(cos(image, prompt), 0).
 
@@ -346,7 +396,7 @@ def score_clip(
     if model_config is not None:  # a local config names its own model; no pretrained tag
         model, pretrained = None, None
     clip = load_clip(model, pretrained, model_config=model_config, checkpoint=checkpoint,
-                     device=device or default_device())
+                     device=resolve_device(device), allow_pickle=allow_pickle)
     typer.echo(json.dumps(score_folder(images, prompts, clip)))
 
 
@@ -407,12 +457,26 @@ def quiet_progress_bars() -> None:
 
 
 def main() -> None:
+    import signal
+
     quiet_progress_bars()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # unwind (removing temporary folders)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        app()
+        code = app(standalone_mode=False)
     except EvomergeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if not hasattr(e, "format_message"):  # click's own exceptions (typer vendors click)
+            raise
+        message = e.format_message()
+        if type(e).__name__ != "NoArgsIsHelpError":  # one line instead of click's framed usage block
+            ctx = getattr(e, "ctx", None)
+            message = f"error: {' '.join(message.split())}" + (f" (see {ctx.command_path} --help)" if ctx else "")
+        print(message, file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,12 @@ def progress_bar(title: str, total: int, enabled: bool = True) -> Iterator[Calla
         def advance(label: str = "") -> None:
             progress.update(task, advance=1, label=label)
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:  # the error's one line replaces the bar (a pipe would get its last frame)
+            progress.live.transient = True
+            progress.console.quiet = not progress.console.is_terminal
+            raise
 
 
 @contextmanager

@@ -7,16 +7,27 @@ model by :mod:`evomerge.mergekit_yaml`, so ``evomerge merge`` takes either.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import EvomergeError
+from evomerge.evaluator_spec import EVALUATOR_SPECS
 from evomerge.recipe_paths import resolve_recipe_paths, template_fields
+from evomerge.strict_io import parse_yaml, read_text
 
 Scalar = bool | float | int
+Floats = Annotated[list[float], Field(min_length=1)]
 
 
 class Conditional(BaseModel):
@@ -24,17 +35,17 @@ class Conditional(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Scalar | list[float]
+    value: Scalar | Floats
 
 
 # A fixed value: a number, a list interpolated over depth (mergekit "gradient"), or filters
 # (a list of them, or one alone as mergekit also allows).
-Value = Scalar | list[float] | list[Conditional] | Conditional
+Value = Scalar | Floats | Annotated[list[Conditional], Field(min_length=1)] | Conditional
 
 
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="Hub id or local folder")
+    model: str = Field(min_length=1, description="Hub id or local folder")
     name: str | None = Field(None, description="short label used in value names; default: folder name")
     parameters: dict[str, Value] = Field(default_factory=dict)
     revision: str | None = Field(None, description="Hub branch, tag or commit (Hub ids only)")
@@ -108,8 +119,8 @@ class FitnessSpec(BaseModel):
 class SearchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sampler: Literal["cmaes", "random", "tpe"] = "cmaes"
-    trials: int = 100
-    popsize: int | None = None
+    trials: int = Field(100, ge=1)
+    popsize: int | None = Field(None, ge=2)
     separable: bool = False
     fitness: FitnessSpec = FitnessSpec()
 
@@ -188,6 +199,31 @@ class SDXLSpec(BaseModel):
         "auto", description="auto: a full pipeline folder when `pipeline` is set, else a UNet folder")
 
 
+class Baseline(BaseModel):
+    """A model scored beside the trials: a source as it is, a fixed merge of the sources, or
+    (dfs recipes) a fixed layer path."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    source: str | None = Field(None, description="a model label (or base; a or b in a dfs recipe)")
+    method: str | None = Field(None, description="a merge method applied with fixed parameters")
+    parameters: dict[str, Value] = Field(default_factory=dict)
+    values: dict[str, float] | None = Field(None, description="dfs: searched values fixed")
+    layers: list[str] | None = Field(None, description="dfs: a layer path, e.g. [a00, a01, b00]")
+    scales: list[float] | None = Field(None, description="dfs: with layers, one scale per layer")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in ("source", "method", "values", "layers") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of source, method (a fixed merge), values or layers (dfs)")
+        if self.parameters and self.method is None:
+            raise ValueError("parameters go with method")
+        if self.scales is not None and self.layers is None:
+            raise ValueError("scales go with layers")
+        return self
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "merge"
@@ -204,7 +240,8 @@ class Recipe(BaseModel):
     tokenizer: TokenizerSpec | None = Field(None, description="causal_lm: build the output vocabulary")
     chat_template: str | None = Field(None, description="a named template (chatml, llama3...), 'auto' or Jinja text")
     out_dtype: str | None = Field(None, description="dtype of the written tensors (default: dtype)")
-    grouping: str = Field("blocks", description="sdxl only: blocks | attn_other | blocks_attn_other")
+    grouping: Literal["blocks", "attn_other", "blocks_attn_other"] = Field(
+        "blocks", description="sdxl only: how UNet tensors form groups")
     sdxl: SDXLSpec | None = Field(None, description="sdxl only: pipeline, LoRA and sampling")
     evaluator: dict[str, Any] | None = None
     baselines: list[dict[str, Any]] = Field(default_factory=list)
@@ -215,7 +252,29 @@ class Recipe(BaseModel):
     @field_validator("models", mode="before")
     @classmethod
     def _models_as_specs(cls, v):
-        return [{"model": m} if isinstance(m, str) else m for m in v]
+        return [{"model": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @field_validator("evaluator", mode="before")
+    @classmethod
+    def _evaluator_typed(cls, v):
+        """Checked against its kind's schema; kept as the dict the evaluators read."""
+        if not isinstance(v, dict):
+            return v
+        kind = v.get("kind")
+        if kind not in EVALUATOR_SPECS:
+            raise ValueError(f"kind {kind!r} is not an evaluator kind (use one of: {', '.join(EVALUATOR_SPECS)})")
+        return EVALUATOR_SPECS[kind].model_validate(v).model_dump(exclude_unset=True, by_alias=True)
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _baselines_typed(cls, v):
+        if not isinstance(v, list):
+            return v
+        specs = TypeAdapter(list[Baseline]).validate_python(v)  # errors keep the item's index
+        names = [b.name for b in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two baselines share a name {names}: give each a distinct name")
+        return [b.model_dump(exclude_defaults=True) | {"name": b.name} for b in specs]
 
     @model_validator(mode="after")
     def _labels_unique(self):
@@ -224,8 +283,14 @@ class Recipe(BaseModel):
                 raise ValueError("a dfs recipe takes its models from dfs.model_a/model_b: drop models, merge and base")
             if self.modality != "causal_lm":
                 raise ValueError("dfs merges need modality causal_lm")
+            if any("method" in b for b in self.baselines):
+                raise ValueError("a dfs recipe's baselines take source, values or layers, not method")
             return self
+        if any("values" in b or "layers" in b for b in self.baselines):
+            raise ValueError("baselines with values or layers are for dfs recipes; use source or method")
         labels = [m.label for m in self.models]
+        if "grouping" in self.model_fields_set and self.modality != "sdxl":
+            raise ValueError("grouping applies to sdxl recipes only; remove it")
         if self.sdxl is not None and self.modality != "sdxl":
             raise ValueError("an sdxl: block needs modality: sdxl")
         if self.sdxl is not None and self.sdxl.lora is not None:
@@ -241,25 +306,53 @@ class Recipe(BaseModel):
         return self
 
 
-def _format_validation_error(path: Path, e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    return f"{path}: field {where}: {err['msg']}"
+def input_paths(recipe: Recipe) -> list[str]:
+    """Every model, pipeline or LoRA the recipe reads (paths or Hub ids): an output must not overlap one."""
+    refs = [recipe.base] + [m.model for m in recipe.models] + [m.lora for m in recipe.models]
+    if recipe.dfs is not None:
+        refs += [r for r in (recipe.dfs.model_a, recipe.dfs.model_b) if isinstance(r, str)]
+    if recipe.sdxl is not None:
+        refs += [recipe.sdxl.pipeline, *recipe.sdxl.components.values()]
+        refs += [recipe.sdxl.lora.path] if recipe.sdxl.lora else []
+    return [r for r in refs if r]
+
+
+def _format_validation_error(path: Path, data: Any, e: ValidationError) -> str:
+    """One line for the most telling error. pydantic's locations also name the union members
+    it tried (``weight.bool``): those are skipped, and a value no member takes is reported
+    with the members as what was expected."""
+    errors = e.errors()
+    # an error inside a member that took the value's type says more than "not a bool"
+    err = min(errors, key=lambda x: (x["type"] != "extra_forbidden", x["type"].endswith("_type"), -len(x["loc"])))
+    where, tags, node = [], [], data
+    for i, part in enumerate(err["loc"]):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
+                and part < len(node):
+            where.append(str(part))
+            node = node[part]
+        elif err["type"] == "missing" and i == len(err["loc"]) - 1:
+            where.append(str(part))
+        else:
+            tags.append(str(part))
+    field = ".".join(where) or "(top level)"
+    msg = err["msg"].splitlines()[0].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (a typo?); remove it or check the documented keys"
+    elif tags and err["type"].endswith("_type"):
+        tried = dict.fromkeys(re.sub(r"^function-\w+\[.*, (\w+)\]$", r"\1", str(x["loc"][len(where)]))
+                              for x in errors if len(x["loc"]) > len(where))
+        shown = repr(node) if len(repr(node)) <= 40 else type(node).__name__
+        msg = f"{shown} does not fit (expected one of: {', '.join(tried)})"
+    return f"{path}: field {field}: {msg}"
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read an evomerge recipe or a mergekit YAML, with one-line errors naming the field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise EvomergeError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path, "YAML recipe")
     if fields := template_fields(text):
         raise EvomergeError(f"{path}: a template: set {', '.join(fields)} (evomerge demo fills it in)")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise EvomergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = parse_yaml(text, path, "YAML recipe")
     if not isinstance(data, dict):
         raise EvomergeError(f"{path}: expected a mapping at the top level")
     mergekit = "merge_method" in data
@@ -270,6 +363,6 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise EvomergeError(_format_validation_error(path, e)) from None
+        raise EvomergeError(_format_validation_error(path, data, e)) from None
     # mergekit reads a relative model path from the working directory, as mergekit-yaml does
     return resolve_recipe_paths(recipe, Path.cwd() if mergekit else path.parent)

@@ -343,7 +343,7 @@ TINY_OPEN_CLIP = {
 
 def make_open_clip(root: Path, name: str = "evomerge-tiny-clip", seed: int = 0) -> tuple[Path, Path]:
     """A tiny open_clip model (SimpleTokenizer): its config saved as NAME.json and random weights
-    saved as NAME.pt; returns (config, checkpoint)."""
+    saved as NAME.safetensors; returns (config, checkpoint)."""
     import json
 
     import open_clip
@@ -354,8 +354,10 @@ def make_open_clip(root: Path, name: str = "evomerge-tiny-clip", seed: int = 0) 
     open_clip.add_model_config(path)
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None)
-    torch.save(model.state_dict(), root / f"{name}.pt")
-    return path, root / f"{name}.pt"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / f"{name}.safetensors")
+    return path, root / f"{name}.safetensors"
 
 
 RESNET_TO_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

@@ -48,9 +48,10 @@ class ClipModel:
 
 
 def load_clip(model: str | None = None, pretrained: str | None = None, *, model_config: str | Path | None = None,
-              checkpoint: str | Path | None = None, device: str = "cpu") -> ClipModel:
+              checkpoint: str | Path | None = None, device: str = "cpu", allow_pickle: bool = False) -> ClipModel:
     """An open_clip model: ``model`` + ``pretrained`` tag, an ``hf-hub:`` id, or a local
-    ``model_config`` JSON (its file stem is the model name) with an optional ``checkpoint``."""
+    ``model_config`` JSON (its file stem is the model name) with an optional ``checkpoint``.
+    Local weight files must be safetensors unless ``allow_pickle``."""
     import open_clip
 
     if model_config is not None:
@@ -66,6 +67,9 @@ def load_clip(model: str | None = None, pretrained: str | None = None, *, model_
     weights = str(checkpoint) if checkpoint is not None else pretrained
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise EvomergeError(f"clip checkpoint {str(checkpoint)!r}: no such file")
+    if weights and Path(weights).is_file() and Path(weights).suffix != ".safetensors" and not allow_pickle:
+        raise EvomergeError(f"clip checkpoint {weights!r}: a pickle file; pickles can run code when loaded. "
+                            "Convert it to safetensors, or pass --allow-pickle if you trust it")
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights or None, device=device)
         tokenizer = open_clip.get_tokenizer(model)

@@ -25,17 +25,20 @@ def read_jsonl(path: Path, *, numbered: bool = False) -> list:
     """Objects of a JSON Lines file (blank lines skipped); errors name the file and line.
     With ``numbered`` each row comes as ``(line_number, object)``."""
     rows: list = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvomergeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise EvomergeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row) if numbered else row)
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise EvomergeError(f"{path}: not UTF-8 text (byte {e.start}); is it a JSON Lines file?") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise EvomergeError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        if not isinstance(row, dict):
+            raise EvomergeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row) if numbered else row)
     return rows
 
 
@@ -47,16 +50,19 @@ def read_local(path: Path) -> list[dict]:
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return read_jsonl(path)  # JSON Lines under a .json name
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            return read_jsonl(path)  # JSON Lines under a .json name (or an error naming the line)
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [...]}
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise EvomergeError(f"{path}: expected a list of JSON objects")
         return data
     if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            return [dict(r) for r in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                return [dict(r) for r in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise EvomergeError(f"{path}: not a readable {suffix[1:].upper()} file ({e})") from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

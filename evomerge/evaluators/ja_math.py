@@ -32,6 +32,7 @@ and metrics carry both readings.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -99,9 +100,8 @@ def parse_reference(answer: Any) -> float | None:
     (so GSM8K's ``"... #### 1,000"`` solutions work too)."""
     if isinstance(answer, bool) or answer is None:
         return None
-    if isinstance(answer, (int, float)):
-        return float(answer)
-    return extract_answer(str(answer))
+    value = float(answer) if isinstance(answer, (int, float)) else extract_answer(str(answer))
+    return value if value is not None and math.isfinite(value) else None  # inf would match anything
 
 
 def is_correct(response: str, answer: Any, *, rel_tol: float = 1e-6) -> bool:

@@ -83,11 +83,13 @@ class MergeEngine:
 
     def __init__(self, adapter, reference: TensorSource, base: TensorSource | None,
                  sources: list[TensorSource], method: MergeMethod, *, dtype: torch.dtype,
-                 device: str = "cpu", seed: int = 0, options: Mapping[str, str] | None = None):
+                 device: str = "cpu", seed: int = 0, options: Mapping[str, str] | None = None,
+                 allow_nonfinite: bool = False):
         method.check_inputs(base is not None, len(sources))
         self.adapter, self.reference, self.base, self.sources = adapter, reference, base, sources
         self.method, self.dtype, self.device, self.seed = method, dtype, device, seed
         self.options = method.bind_options(options or {})  # e.g. tie_order, rescale
+        self.allow_nonfinite = allow_nonfinite
         if torch.device(device).type == "cpu":
             kernels.warn_if_missing()
         self.jobs = self._plan()
@@ -168,6 +170,7 @@ class MergeEngine:
         # one thread per file read: copying out of the page cache is most of a read's cost
         parallel_map(lambda read: self._read_into(read[0], job, read[1]), reads,
                      parallel=stacked.nbytes >= PARALLEL_READ_BYTES)
+        self._check_finite(job, [(src, t) for src, t in reads])
         if base is not None and self.method.on_deltas:
             subtract_base(stacked, base)
         return base, stacked
@@ -187,12 +190,24 @@ class MergeEngine:
             return (t[: job.rows] if job.rows is not None else t).to(self.device)
 
         stacked = torch.stack([read(s) for s in self.sources])
-        if not self.reads_base:
+        base = read(self.base) if self.reads_base else None
+        self._check_finite(job, list(zip(self.sources, stacked, strict=True))
+                           + ([(self.base, base)] if base is not None else []))
+        if base is None:
             return None, stacked
-        base = read(self.base)
         if self.method.on_deltas:
             stacked -= base
         return base, stacked
+
+    def _check_finite(self, job: Job, read: list[tuple[TensorSource, torch.Tensor]]) -> None:
+        """Refuse NaN/inf in a source (it would spread through the merge into the output).
+        One summing pass per tensor; only a non-finite sum (or an overflow) looks closer."""
+        if self.allow_nonfinite or all(math.isfinite(t.sum(dtype=torch.float32)) for _, t in read):
+            return
+        for src, t in read:
+            if not torch.isfinite(t).all():
+                raise EvomergeError(f"model {src.label}: tensor {job.name} holds NaN or inf values; "
+                                    "fix the checkpoint, or pass --allow-nonfinite to merge it anyway")
 
     def _merge(self, job: Job, base: torch.Tensor | None, stacked: torch.Tensor,
                table: ValueTable, prepared: object = None,

@@ -12,7 +12,6 @@ An adapter is the only code that knows a modality's parameter names. It
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,11 +24,13 @@ from evomerge.checkpoint import (
     PICKLE_SUFFIXES,
     TensorEntry,
     index_safetensors,
+    inside_folder,
     load_pickle_state_dict,
     read_tensor,
 )
 from evomerge.errors import EvomergeError, describe
 from evomerge.hub import not_cached, use_cache_if_offline
+from evomerge.strict_io import read_json
 
 # Files worth fetching from the Hub for a model folder (weights come as safetensors).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
@@ -115,8 +116,11 @@ def open_checkpoint(label: str, folder: Path, stem: str, rename: Callable[[str],
     """Index a folder's ``stem`` checkpoint under canonical names (``rename`` returns None to drop)."""
     if not folder.is_dir():
         raise EvomergeError(f"model {label}: {folder} is not a folder")
+    for p in folder.iterdir():  # any file here may be read or copied into the output
+        if p.is_symlink():
+            inside_folder(folder, p)
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = read_json(config_path, "config.json") if config_path.exists() else {}
     raw = index_safetensors(folder, stem)
     loaded: dict[str, torch.Tensor] = {}
     if not raw:
@@ -128,7 +132,7 @@ def open_checkpoint(label: str, folder: Path, stem: str, rename: Callable[[str],
                 f"model {label}: only pickle checkpoints ({pickles[0].name}) found; pickles can run "
                 "code when loaded. Convert to safetensors, or pass --allow-pickle if you trust them")
         for p in pickles:
-            loaded.update(load_pickle_state_dict(p))
+            loaded.update(load_pickle_state_dict(inside_folder(folder, p)))
     entries = {new: e for name, e in raw.items() if (new := rename(name)) is not None}
     loaded = {new: t for name, t in loaded.items() if (new := rename(name)) is not None}
     return TensorSource(label, folder, entries, loaded, config)

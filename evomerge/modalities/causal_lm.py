@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.checkpoint import inside_folder
 from evomerge.errors import EvomergeError
 from evomerge.modalities.base import LAYER_RE, TensorSource, open_checkpoint, resolve_folder
 
@@ -29,10 +30,10 @@ def layer_index(name: str) -> int | None:
 
 def num_layers(config: dict) -> int:
     text = config.get("text_config", config)
-    n = text.get("num_hidden_layers")
-    if n is None:
-        raise EvomergeError("config.json has no num_hidden_layers; is this a causal LM folder?")
-    return int(n)
+    n = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    if type(n) is not int or n < 1:
+        raise EvomergeError("config.json has no num_hidden_layers (a positive integer); is this a causal LM folder?")
+    return n
 
 
 def copy_model_files(src: Path, out_dir: Path, dtype: torch.dtype) -> None:
@@ -40,7 +41,7 @@ def copy_model_files(src: Path, out_dir: Path, dtype: torch.dtype) -> None:
     for p in src.iterdir():
         if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in SKIP_FILES \
                 and not p.name.endswith(".index.json"):
-            shutil.copy2(p, out_dir / p.name)
+            shutil.copy2(inside_folder(src, p), out_dir / p.name)
     config_path = out_dir / "config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())

@@ -126,9 +126,11 @@ def _folder_variant(folder: Path, variant: str | None) -> str | None:
     return None
 
 
-def load_component(ref: str, name: str, dtype: torch.dtype | None, variant: str | None = None) -> Any:
+def load_component(ref: str, name: str, dtype: torch.dtype | None, variant: str | None = None,
+                   *, allow_pickle: bool = False) -> Any:
     """One pipeline component (``text_encoder``, ``tokenizer``, ``vae``...) from a pipeline folder
-    or Hub id, with the class its model_index.json names."""
+    or Hub id, with the class its model_index.json names (safetensors weights unless pickles
+    are allowed)."""
     root = fetch(ref, [name], variant)
     folder = root / name
     if not folder.is_dir():
@@ -149,11 +151,15 @@ def load_component(ref: str, name: str, dtype: torch.dtype | None, variant: str 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     if (v := _folder_variant(folder, variant)) is not None:
         kwargs["variant"] = v
-    return cls.from_pretrained(folder, **kwargs)
+    try:
+        return cls.from_pretrained(folder, use_safetensors=None if allow_pickle else True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise EvomergeError(f"sdxl.components.{name}: cannot load from {ref} ({describe(e)}); pickle "
+                            "weights need --allow-pickle") from None
 
 
 def lora_deltas(spec: LoraSpec, unet_config: dict, dtype: torch.dtype, device: str | torch.device = "cpu",
-                ) -> dict[str, torch.Tensor]:
+                *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The weight deltas a LoRA adds when fused: canonical UNet name -> delta (in ``dtype``).
 
     diffusers reads the file (diffusers, kohya and peft formats, network alphas and adapter
@@ -169,6 +175,12 @@ def lora_deltas(spec: LoraSpec, unet_config: dict, dtype: torch.dtype, device: s
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     kwargs = {"weight_name": spec.weight_name} if spec.weight_name else {}
+    if not allow_pickle:  # diffusers would fall back to (or be pointed at) a pickle
+        named = spec.weight_name or (spec.path if Path(spec.path).expanduser().is_file() else None)
+        if named is not None and not str(named).endswith(".safetensors"):
+            raise EvomergeError(f"sdxl.lora {named!r}: a pickle file; pickles can run code when loaded. "
+                                "Convert it to safetensors, or pass --allow-pickle if you trust it")
+        kwargs["use_safetensors"] = True
     try:  # unet_config: how original-layout (sgm) LoRA block names map to diffusers'
         state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
             spec.path, return_lora_metadata=True, unet_config=unet.config, **kwargs)
@@ -228,6 +240,7 @@ class SDXLAdapter:
         self.spec = spec
         self._config: dict = {}
         self._merged_lora: dict[str, torch.Tensor] | None = None  # LoRA into the merge: deltas
+        self.allow_pickle = False
 
     # -- opening sources ------------------------------------------------------------------------
 
@@ -246,6 +259,7 @@ class SDXLAdapter:
             if source.config.get("_class_name") not in (None, "UNet2DConditionModel"):
                 raise EvomergeError(f"model {label}: {folder} holds a {source.config['_class_name']}, not a UNet")
         self._config = source.config
+        self.allow_pickle = allow_pickle  # for the LoRA and pipeline parts loaded later
         lora = self.spec.lora
         if lora is not None and lora.into == label:
             self._fuse_into_source(source)
@@ -279,7 +293,7 @@ class SDXLAdapter:
         return TensorSource(label, config_root / "unet", {}, state, config)
 
     def _fuse_into_source(self, source: TensorSource) -> None:
-        deltas = lora_deltas(self.spec.lora, source.config, torch.float32)
+        deltas = lora_deltas(self.spec.lora, source.config, torch.float32, allow_pickle=self.allow_pickle)
         for name, delta in deltas.items():
             if name not in source:
                 raise EvomergeError(f"sdxl.lora: {name} is not a tensor of {source.label}")
@@ -321,7 +335,8 @@ class SDXLAdapter:
     def merged_lora(self, dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
         """The deltas of a LoRA fused into the merge, computed once (in the merge's dtype)."""
         if self._merged_lora is None:
-            self._merged_lora = lora_deltas(self.spec.lora, self._config, dtype, device) if self.lora_into_merged else {}
+            self._merged_lora = (lora_deltas(self.spec.lora, self._config, dtype, device, allow_pickle=self.allow_pickle)
+                                 if self.lora_into_merged else {})
         return self._merged_lora
 
     def after_merge(self, params: dict[str, torch.Tensor]) -> None:
@@ -376,12 +391,12 @@ class SDXLAdapter:
         from diffusers import StableDiffusionXLPipeline
 
         parts = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"]
-        overrides = {name: load_component(src, name, dtype, self.spec.variant)
+        overrides = {name: load_component(src, name, dtype, self.spec.variant, allow_pickle=self.allow_pickle)
                      for name, src in self.spec.components.items()}
         root = fetch(ref, [p for p in parts if p not in overrides], self.spec.variant)
         if not (root / "model_index.json").exists():
             raise EvomergeError(f"sdxl.pipeline {ref}: not a pipeline folder (no model_index.json)")
-        kwargs: dict[str, Any] = {"dtype": dtype}
+        kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": None if self.allow_pickle else True}
         if self.spec.variant and _folder_variant(root / "text_encoder_2", self.spec.variant):
             kwargs["variant"] = self.spec.variant
         try:

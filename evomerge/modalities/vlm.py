@@ -11,13 +11,12 @@ merge the rows all sources share and keep the VLM's extra rows (image token, pad
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.modalities.base import TensorSource, open_checkpoint, resolve_folder
 from evomerge.modalities.causal_lm import CausalLMAdapter, alias_tied_head
+from evomerge.strict_io import read_json
 
 LM = "model.language_model."
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")
@@ -47,7 +46,7 @@ class VLMAdapter(CausalLMAdapter):
     def open(self, ref: str, label: str, *, allow_pickle: bool = False) -> TensorSource:
         folder = resolve_folder(ref, allow_pickle=allow_pickle)
         config_path = folder / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        config = read_json(config_path, "config.json") if config_path.exists() else {}
         is_vlm = "vision_config" in config
         source = open_checkpoint(label, folder, self.weights_stem, vlm_name if is_vlm else text_llm_name,
                                  allow_pickle=allow_pickle)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from evomerge import __version__
+from evomerge.atomic import building_folder, check_output
 from evomerge.errors import EvomergeError, describe
 from evomerge.merging.dfs import DFSSpace, LayerPath, cumulative_scales
 from evomerge.merging.engine import parse_dtype
 from evomerge.modalities.base import resolve_folder
 from evomerge.modalities.dfs_path import PathModel, check_same_family, decoder_of, write_path_layers
 from evomerge.pipelines.evolve import Evolution, best_values
-from evomerge.pipelines.merge import commit_output, merge_to_folder, open_session, prepare_output
+from evomerge.pipelines.merge import merge_to_folder, open_session
 from evomerge.recipe import DFSSpec, PSRef, Recipe, load_recipe
 
 
@@ -132,15 +132,11 @@ class DFSCandidates:
         folded = self.paths.folds(path)
         sources = {"a": _ref_label(self.spec.model_a, self.folder_a), "b": _ref_label(self.spec.model_b, self.folder_b)}
         card = path_card(self.recipe, self.space, path, values, sources, folded=folded, extra=extra_card)
-        tmp = prepare_output(Path(out_dir), force)
-        try:
+        check_output(out_dir, force=force, inputs=[self.folder_a, self.folder_b])
+        with building_folder(out_dir) as tmp:
             write_path_layers(self.paths, path, self.folder_a, tmp, fold=self.spec.fold,
                               show_progress=show_progress)
             (tmp / "README.md").write_text(card)
-            commit_output(tmp, Path(out_dir))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return Path(out_dir)
 
 

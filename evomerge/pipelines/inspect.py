@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.modalities import get_adapter
+from evomerge.strict_io import read_json
 
 
 @dataclass
@@ -37,7 +37,7 @@ def detect_modality(ref: str) -> str:
     if (path / "model_index.json").exists():
         return "sdxl"
     config_path = path / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = read_json(config_path, "config.json") if config_path.exists() else {}
     if config.get("_class_name") == "UNet2DConditionModel":
         return "sdxl"
     return "vlm" if "vision_config" in config else "causal_lm"

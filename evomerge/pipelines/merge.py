@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 import yaml
 
 from evomerge import __version__
+from evomerge.atomic import building_folder, check_output
 from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
 from evomerge.errors import EvomergeError
 from evomerge.merging.engine import MergeEngine, parse_dtype
@@ -24,7 +23,7 @@ from evomerge.merging.space import SearchSpace, ValueTable
 from evomerge.modalities import get_adapter
 from evomerge.modalities.base import TensorSource
 from evomerge.progress import progress_bar
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, input_paths
 from evomerge.sources import open_model
 
 
@@ -74,7 +73,7 @@ def _pick_reference(recipe: Recipe, adapter, base: TensorSource | None,
 
 
 def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
-                 trust_remote_code: bool = False) -> MergeSession:
+                 trust_remote_code: bool = False, allow_nonfinite: bool = False) -> MergeSession:
     """Open every model of the recipe lazily and validate the merge (no weights read yet)."""
     if recipe.merge is None:
         raise EvomergeError(f"recipe {recipe.name}: a dfs recipe has no parameter-space merge; use evolve")
@@ -95,7 +94,7 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
         check_no_extra_tensors(reference, ([base] if base else []) + sources)
     dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(reference)
     engine = MergeEngine(adapter, reference, base, sources, method, dtype=dtype, device=device,
-                         seed=recipe.seed, options=method_options(recipe))
+                         seed=recipe.seed, options=method_options(recipe), allow_nonfinite=allow_nonfinite)
     groups = adapter.groups([j.name for j in engine.jobs if j.merge])
     space = SearchSpace.from_spec(recipe.merge, method, [s.label for s in sources], groups)
     return MergeSession(recipe, adapter, reference, base, sources, engine, space)
@@ -122,14 +121,22 @@ IGNORED_MERGEKIT_KEYS = {"int8_mask"}
 
 def check_parameter_names(recipe: Recipe, method) -> None:
     """A misspelt value name would silently merge with defaults: refuse it."""
-    known = {p.name for p in method.params}
+    known = {p.name: p for p in method.params}
     places = [("merge.parameters", recipe.merge.parameters)] + [
         (f"models[{m.label}].parameters", m.parameters) for m in recipe.models]
     for where, params in places:
-        for key in params:
+        for key, value in params.items():
             if key not in known and key not in IGNORED_MERGEKIT_KEYS:
                 raise EvomergeError(f"{where}: {key!r} is not a value of method {method.name!r} "
                                     f"(it takes: {', '.join(sorted(known))})")
+            if key in known and not isinstance(known[key].default, bool) and _has_bool(value):
+                raise EvomergeError(f"{where}.{key}: true/false is not a number; write the number")
+
+
+def _has_bool(value) -> bool:
+    if isinstance(value, list):
+        return any(_has_bool(v) for v in value)
+    return isinstance(getattr(value, "value", value), bool)
 
 
 def _stored_dtype(source: TensorSource) -> torch.dtype:
@@ -137,27 +144,6 @@ def _stored_dtype(source: TensorSource) -> torch.dtype:
         if source.dtype(name).is_floating_point:
             return source.dtype(name)
     return torch.float32
-
-
-def prepare_output(out_dir: Path, force: bool) -> Path:
-    """Refuse a non-empty folder without --force; return a fresh temporary folder beside it."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise EvomergeError(f"{out_dir} exists and is not empty: choose another --out or pass --force")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_output(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temporary folder into place (the old one, if any, only then goes)."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, float] | None = None,
@@ -171,8 +157,8 @@ def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, floa
         raise EvomergeError(f"no value for searched {missing[0]!r}: give values, or merge a finished run")
     engine = session.engine
     engine.check_values(table)
-    tmp = prepare_output(out_dir, force)
-    try:
+    check_output(out_dir, force=force, inputs=input_paths(session.recipe))
+    with building_folder(out_dir) as tmp:
         planned = [PlannedTensor(j.name, engine.reference.shape(j.name), engine.output_dtype(j))
                    for j in engine.jobs]
         writer = ShardedSafetensorsWriter(tmp, planned, stem=session.adapter.weights_stem)
@@ -188,10 +174,6 @@ def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, floa
                 out.write(job.name, finish(job.name, tensor) if finish else tensor)
         session.adapter.save_extras(engine.reference, tmp, engine.dtype)
         (tmp / "README.md").write_text(model_card(session, values or {}, extra_card))
-        commit_output(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from evomerge.atomic import building_folder, check_output
 from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
 from evomerge.errors import EvomergeError
 from evomerge.merging.engine import MergeEngine, parse_dtype
@@ -33,13 +33,11 @@ from evomerge.pipelines.merge import (
     _stored_dtype,
     check_no_extra_tensors,
     check_parameter_names,
-    commit_output,
     method_options,
     model_card,
-    prepare_output,
 )
 from evomerge.progress import progress_bar
-from evomerge.recipe import Conditional, Recipe, SliceSource, SliceSpec, Value
+from evomerge.recipe import Conditional, Recipe, SliceSource, SliceSpec, Value, input_paths
 from evomerge.sources import open_model
 
 
@@ -237,8 +235,8 @@ class Layout:
 
     def write(self, out_dir: Path, *, force: bool = False, shard_bytes: int = 5 * 10**9,
               copy_tokenizer: bool = True, show_progress: bool = True) -> Path:
-        tmp = prepare_output(out_dir, force)
-        try:
+        check_output(out_dir, force=force, inputs=input_paths(self.recipe))
+        with building_folder(out_dir) as tmp:
             planned = [PlannedTensor(self.output_name(p, j.name), p.engine.reference.shape(j.name),
                                      self.out_dtype or p.engine.output_dtype(j))
                        for p in self.pieces for j in p.engine.jobs]
@@ -253,10 +251,6 @@ class Layout:
                         out.write(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
             self._write_extras(tmp, copy_tokenizer)
             (tmp / "README.md").write_text(model_card(self._card_session(), {}))
-            commit_output(tmp, Path(out_dir))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return Path(out_dir)
 
     def _write_extras(self, tmp: Path, copy_tokenizer: bool) -> None:
