@@ -178,7 +178,7 @@ def merge(
         merge_layout(recipe, out, device=resolve_device(device), allow_pickle=allow_pickle,
                      trust_remote_code=trust_remote_code, force=force, copy_tokenizer=copy_tokenizer,
                      shard_bytes=parse_size(out_shard_size) if out_shard_size else 5 * 10**9,
-                     show_progress=not quiet)
+                     show_progress=not quiet, allow_nonfinite=allow_nonfinite)
         typer.echo(f"wrote {out}")
         pushed(out, push_to_hub)
         return

@@ -60,6 +60,11 @@ BOMB = "".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9 if i else ["x"] *
 RECIPES = {  # name -> (config text builder, words the message must contain)
     "empty weight list": (lambda f: mk(f, "models:\n - model: {m1}\n   parameters: {{weight: [], density: 0.5}}\n"), ["weight"]),
     "parameters is a string": (lambda f: mk(f, "models:\n - model: {m1}\n   parameters: abc\n"), ["parameters"]),
+    "models is a number": (lambda f: mk(f, "models: 5\n"), ["models"]),
+    "model entry without model": (lambda f: mk(f, "models:\n - parameters: {{weight: 1}}\n"), ["model"]),
+    "top parameters is a string": (lambda f: mk(f, ONE + "parameters: abc\n"), ["parameters"]),
+    "mergekit typo dtyp": (lambda f: mk(f, ONE + "dtyp: float16\n"), ["dtyp"]),
+    "mergekit typo base_modle": (lambda f: f"merge_method: linear\nbase_modle: {f['base']}\n" + ONE.format(**f), ["base_modle"]),
     "weight true": (lambda f: mk(f, "models:\n - model: {m1}\n   parameters: {{weight: true, density: 0.5}}\n"), ["weight"]),
     "weight nan": (lambda f: mk(f, "models:\n - model: {m1}\n   parameters: {{weight: .nan, density: 0.5}}\n"), ["weight"]),
     "weight inf": (lambda f: mk(f, "models:\n - model: {m1}\n   parameters: {{weight: .inf, density: 0.5}}\n"), ["weight"]),
@@ -94,8 +99,8 @@ RECIPES = {  # name -> (config text builder, words the message must contain)
     "top level list": (lambda f: "- a\n- b\n", ["mapping"]),
     "empty file": (lambda f: "", ["mapping"]),
     "search bounds reversed": (lambda f: evo(f).replace("parameters: {weight: 0.5, density: 0.5}", "search: {weight: [1, 0]}"), ["weight"]),
-    "model folder missing": (lambda f: mk(f, "models: [/nonexistent/evomerge/x]\n"), ["/nonexistent/evomerge/x"]),
-    "model is a file": (lambda f: mk(f, "models: [{base}/config.json]\n"), ["config.json"]),
+    "model folder missing": (lambda f: mk(f, "models: [{{model: /nonexistent/evomerge/x}}]\n"), ["/nonexistent/evomerge/x"]),
+    "model is a file": (lambda f: mk(f, "models: [{{model: {base}/config.json}}]\n"), ["config.json"]),
 }
 
 

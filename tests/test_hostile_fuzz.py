@@ -72,7 +72,7 @@ def mutate(config: dict, rng: random.Random) -> dict | str:
     return data
 
 
-@pytest.mark.parametrize("kind", ["recipe"])
+@pytest.mark.parametrize("kind", ["mergekit", "recipe"])
 def test_mutants_exit_0_or_2_never_a_traceback(llama_fp32, tmp_path, evomerge_cli, kind):
     rng = random.Random(f"evomerge-fuzz-{kind}")
     config = valid_configs(llama_fp32)[kind]

@@ -110,11 +110,12 @@ class Layout:
     """A recipe's models opened and its slices planned, ready to write."""
 
     def __init__(self, recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, allow_nonfinite: bool = False):
         if recipe.modality != "causal_lm":
             raise EvomergeError(f"modality {recipe.modality}: slices, tokenizer, LoRA, revision, out_dtype "
                                 "and chat_template apply to causal_lm merges only")
         self.recipe = recipe
+        self.allow_nonfinite = allow_nonfinite
         self.adapter = get_adapter("causal_lm", trust_remote_code=trust_remote_code)
         self.method = get_method(recipe.merge.method)
         check_parameter_names(recipe, self.method)
@@ -204,7 +205,8 @@ class Layout:
         per_model = {m.label: m.parameters for m in self.recipe.models}
         engine = MergeEngine(self.adapter, base or views[inputs[0].model], base,
                              [views[s.model] for s in inputs], self.method, dtype=self.dtype,
-                             device=device, seed=self.recipe.seed + index, options=method_options(self.recipe))
+                             device=device, seed=self.recipe.seed + index, options=method_options(self.recipe),
+                             allow_nonfinite=self.allow_nonfinite)
         shared = _chain(spec.parameters, self.recipe.merge.parameters)
         table = ValueTable(method=self.method, sources=tuple(s.model for s in inputs), shared_fixed=shared,
                            per_source_fixed={s.model: _chain(s.parameters, per_model[s.model]) for s in inputs},
@@ -302,9 +304,10 @@ def check_slice_parameters(spec: SliceSpec, method, index: int) -> None:
 
 def merge_layout(recipe: Recipe, out_dir: Path, *, device: str = "cpu", allow_pickle: bool = False,
                  trust_remote_code: bool = False, force: bool = False, shard_bytes: int = 5 * 10**9,
-                 copy_tokenizer: bool = True, show_progress: bool = True) -> Path:
+                 copy_tokenizer: bool = True, show_progress: bool = True, allow_nonfinite: bool = False) -> Path:
     """Merge a recipe with slices or mergekit-YAML features into a model folder."""
-    layout = Layout(recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    layout = Layout(recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                    allow_nonfinite=allow_nonfinite)
     return layout.write(out_dir, force=force, shard_bytes=shard_bytes, copy_tokenizer=copy_tokenizer,
                         show_progress=show_progress)
 
