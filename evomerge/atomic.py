@@ -166,7 +166,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def check_output(dest: str | Path, *, force: bool, inputs: Iterable[str | Path] = ()) -> None:
     """Refuse an output that is not a folder, a non-empty one without ``force``, or one that
-    equals, contains or sits inside an input (replacing it would delete that input)."""
+    equals or contains an input (replacing it would delete that input)."""
     dest = Path(dest)
     if dest.is_symlink():
         raise EvomergeError(f"--out {dest}: a symbolic link (to {os.readlink(dest)}); give a real folder path")
@@ -180,5 +180,5 @@ def check_output(dest: str | Path, *, force: bool, inputs: Iterable[str | Path] 
         if not path.exists():
             continue  # a Hub id
         inp = path.resolve()
-        if real == inp or inp.is_relative_to(real) or real.is_relative_to(inp):
+        if inp.is_relative_to(real):
             raise EvomergeError(f"--out {dest}: overlaps the input {ref}; choose an --out outside every input")
