@@ -108,6 +108,17 @@ class ClipScoreSpec(_Strict):
     grid_cell: PositiveInt | None = None
 
 
+class LossSpec(_Strict):
+    kind: Literal["loss"]
+    name: str | None = None
+    data: _DataKeys
+    text_field: str | None = None
+    offset: Count | None = None
+    limit: Count | None = None
+    batch_size: PositiveInt | None = None
+    max_length: Annotated[int, Field(ge=2)] | None = None
+
+
 class PythonSpec(_Strict):
     kind: Literal["python"]
     name: str | None = None
@@ -116,4 +127,5 @@ class PythonSpec(_Strict):
 
 
 EVALUATOR_SPECS: dict[str, type[BaseModel]] = {
-    "ja_math": JaMathSpec, "ja_vqa": JaVQASpec, "clip_score": ClipScoreSpec, "python": PythonSpec}
+    "ja_math": JaMathSpec, "ja_vqa": JaVQASpec, "clip_score": ClipScoreSpec, "loss": LossSpec,
+    "python": PythonSpec}
