@@ -4,6 +4,7 @@ evomerge's (sorts instead of selection, float64, one source at a time), for the 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -68,14 +69,29 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9
     return out.reshape(a.shape)
 
 
+# mergekit's per-layer values, worked out by hand from its rule (a list's first value on the first
+# layer, its last on the last, straight lines between neighbours): (list length, depth) -> the
+# weight of each list entry. Depth is layer / (layers - 1).
+GRADIENT_WEIGHTS: dict[tuple[int, Fraction], tuple[float, ...]] = {
+    (2, Fraction(0)): (1, 0), (2, Fraction(1)): (0, 1),                      # 2 layers
+    (2, Fraction(1, 2)): (1 / 2, 1 / 2),                                     # 3 layers, middle
+    (2, Fraction(1, 3)): (2 / 3, 1 / 3), (2, Fraction(2, 3)): (1 / 3, 2 / 3),  # 4 layers
+    (3, Fraction(0)): (1, 0, 0), (3, Fraction(1)): (0, 0, 1),
+    (3, Fraction(1, 2)): (0, 1, 0),
+    (3, Fraction(1, 3)): (1 / 3, 2 / 3, 0), (3, Fraction(2, 3)): (0, 2 / 3, 1 / 3),
+    (4, Fraction(0)): (1, 0, 0, 0), (4, Fraction(1)): (0, 0, 0, 1),
+    (4, Fraction(1, 3)): (0, 1, 0, 0), (4, Fraction(2, 3)): (0, 0, 1, 0),
+    (4, Fraction(1, 2)): (0, 1 / 2, 1 / 2, 0),
+}
+
+
 def gradient(values, depth: float) -> float:
-    """mergekit's per-layer value: a list interpolated linearly over depth 0..1."""
+    """mergekit's per-layer value of ``values`` (a number, or a list spread over depth 0..1),
+    read from the hand-worked table above."""
     if not isinstance(values, list):
         return values
-    scaled = depth * (len(values) - 1)
-    i0 = int(scaled)
-    i1 = min(len(values) - 1, i0 + 1)
-    return (1 - (scaled - i0)) * values[i0] + (scaled - i0) * values[i1]
+    weights = GRADIENT_WEIGHTS[(len(values), Fraction(depth).limit_denominator(12))]
+    return sum(w * v for w, v in zip(weights, values, strict=True))
 
 
 def raw_vlm(folder) -> dict[str, torch.Tensor]:

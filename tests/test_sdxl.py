@@ -1,8 +1,8 @@
 """SDXL UNets: block grouping on the real SDXL structure, and merges of tiny SDXL-shaped UNets.
 
-The grouping is checked against an independent mapping written here from the diffusers -> sgm
-conversion rules (REFERENCE.md, "SDXL UNet blocks"); the merges are reloaded with diffusers and
-compared with values computed independently from the raw safetensors files.
+The grouping is checked against an independent table written out here by hand from the
+diffusers -> sgm conversion rules (REFERENCE.md, "SDXL UNet blocks"); the merges are reloaded
+with diffusers and compared with values computed independently from the raw safetensors files.
 """
 
 from __future__ import annotations
@@ -24,34 +24,40 @@ from tests.tiny import TINY_TEXT_EMBEDS, make_sdxl_family, sdxl_unet_config
 ATTN = {"to_q", "to_k", "to_v"}
 
 
+# Every diffusers module of the SDXL UNet and its 20-block label, written out by hand from the
+# diffusers -> sgm rules and the block names (REFERENCE.md, "SDXL UNet blocks"). SDXL's down
+# blocks have 2 resnets (+ attentions in blocks 1 and 2, a downsampler in 0 and 1); its up blocks
+# 3 resnets (+ attentions in 0 and 1, an upsampler in 0 and 1).
+SDXL_BLOCKS = {
+    "time_embedding": "BASE", "add_embedding": "BASE", "conv_in": "IN00",
+    "down_blocks.0.resnets.0": "IN01", "down_blocks.0.resnets.1": "IN02",
+    "down_blocks.0.downsamplers.0": "IN03",
+    "down_blocks.1.resnets.0": "IN04", "down_blocks.1.attentions.0": "IN04",
+    "down_blocks.1.resnets.1": "IN05", "down_blocks.1.attentions.1": "IN05",
+    "down_blocks.1.downsamplers.0": "IN06",
+    "down_blocks.2.resnets.0": "IN07", "down_blocks.2.attentions.0": "IN07",
+    "down_blocks.2.resnets.1": "IN08", "down_blocks.2.attentions.1": "IN08",
+    "mid_block": "M00",
+    "up_blocks.0.resnets.0": "OUT00", "up_blocks.0.attentions.0": "OUT00",
+    "up_blocks.0.resnets.1": "OUT01", "up_blocks.0.attentions.1": "OUT01",
+    "up_blocks.0.resnets.2": "OUT02", "up_blocks.0.attentions.2": "OUT02",
+    "up_blocks.0.upsamplers.0": "OUT02",
+    "up_blocks.1.resnets.0": "OUT03", "up_blocks.1.attentions.0": "OUT03",
+    "up_blocks.1.resnets.1": "OUT04", "up_blocks.1.attentions.1": "OUT04",
+    "up_blocks.1.resnets.2": "OUT05", "up_blocks.1.attentions.2": "OUT05",
+    "up_blocks.1.upsamplers.0": "OUT05",
+    "up_blocks.2.resnets.0": "OUT06", "up_blocks.2.resnets.1": "OUT07", "up_blocks.2.resnets.2": "OUT08",
+    "conv_norm_out": "OUT08", "conv_out": "OUT08",
+}
+
+
 def sgm_block(name: str) -> str:
-    """diffusers name -> sgm module -> 20-block label, spelled out rule by rule."""
-    parts = name.split(".")
-    head = parts[0]
-    if head in ("time_embedding", "add_embedding"):
-        sgm = "time_embed" if head == "time_embedding" else "label_emb"
-    elif head == "conv_in":
-        sgm = "input_blocks.0"
-    elif head in ("conv_norm_out", "conv_out"):
-        sgm = "out"
-    elif head == "mid_block":
-        sgm = "middle_block"
-    elif head == "down_blocks":
-        i, kind, j = int(parts[1]), parts[2], int(parts[3])
-        sgm = f"input_blocks.{3 * (i + 1)}" if kind == "downsamplers" else f"input_blocks.{3 * i + j + 1}"
-    elif head == "up_blocks":
-        i, kind, j = int(parts[1]), parts[2], int(parts[3])
-        sgm = f"output_blocks.{3 * i + 2}" if kind == "upsamplers" else f"output_blocks.{3 * i + j}"
-    else:
-        raise AssertionError(f"unexpected UNet tensor {name}")
-    if sgm in ("time_embed", "label_emb"):
-        return "BASE"
-    if sgm == "out":
-        return "OUT08"
-    if sgm == "middle_block":
-        return "M00"
-    kind, index = sgm.split(".")
-    return ("IN" if kind == "input_blocks" else "OUT") + f"{int(index):02d}"
+    """The 20-block label of a UNet tensor, looked up in the table above."""
+    for depth in (4, 1):  # blocks.i.kind.j, else a top-level module (mid_block, conv_in...)
+        module = ".".join(name.split(".")[:depth])
+        if module in SDXL_BLOCKS:
+            return SDXL_BLOCKS[module]
+    raise AssertionError(f"unexpected UNet tensor {name}")
 
 
 def is_attn(name: str) -> bool:
