@@ -22,11 +22,7 @@ from evomerge.merging.registry import MergeMethod
 from evomerge.merging.space import ValueTable
 from evomerge.merging.sparsify import rng_for
 from evomerge.merging.threads import chunk_threads, for_chunks, parallel_map
-from evomerge.modalities.base import TensorSource
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "float64": torch.float64}
+from evomerge.modalities.base import Adapter, TensorSource
 
 
 def subtract_base(stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -37,12 +33,6 @@ def subtract_base(stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     rows, base_flat = stacked.view(len(stacked), -1), base.reshape(-1)
     for_chunks(rows.shape[1], lambda start, end, _: rows[:, start:end].sub_(base_flat[start:end]))
     return stacked
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise EvomergeError(f"dtype {name!r}: use one of float32, float16, bfloat16")
-    return DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -81,7 +71,7 @@ class BufferPool:
 class MergeEngine:
     """Merges one set of models with one method; reusable across many sets of values."""
 
-    def __init__(self, adapter, reference: TensorSource, base: TensorSource | None,
+    def __init__(self, adapter: Adapter, reference: TensorSource, base: TensorSource | None,
                  sources: list[TensorSource], method: MergeMethod, *, dtype: torch.dtype,
                  device: str = "cpu", seed: int = 0, options: Mapping[str, str] | None = None,
                  allow_nonfinite: bool = False):

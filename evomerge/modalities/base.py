@@ -8,15 +8,21 @@ An adapter is the only code that knows a modality's parameter names. It
 - names a group for every tensor (``layers.12``, ``IN04``...), the unit of per-group values;
 - builds the runnable model once, whose parameters the engine then rewrites in place;
 - saves a merged model in the modality's native format.
+
+:class:`Adapter` is the whole contract: every hook the engine and the pipelines call, with a
+default where most modalities have nothing to do, so callers never probe an adapter. The
+reference model (whose names and files the output takes) is chosen by :func:`pick_reference`
+alone, for merge, plan and DFS alike.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -100,6 +106,12 @@ class TensorSource:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name].dtype if name in self.entries else self.loaded[name].dtype
 
+    @classmethod
+    def from_headers(cls, label: str, folder: Path, stem: str, config: dict) -> TensorSource:
+        """A model folder as far as its safetensors headers tell, nothing read (no tensors when
+        its weights are elsewhere: a Hub model whose config alone was fetched, pickles)."""
+        return cls(label, folder, index_safetensors(folder, stem) if folder.is_dir() else {}, {}, config)
+
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor, in ``dtype`` when given."""
         if name in self.loaded:
@@ -141,32 +153,98 @@ def open_checkpoint(label: str, folder: Path, stem: str, rename: Callable[[str],
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
-class Adapter(Protocol):
-    """What every modality provides to the merge engine and the pipelines."""
+class Described(Protocol):
+    """A model as the choice of reference sees it: its label and its config.json."""
 
-    modality: str
-    weights_stem: str  # file stem of the native checkpoint ("model", "diffusion_pytorch_model")
+    label: str
+    config: dict
 
+
+D = TypeVar("D", bound=Described)
+
+
+class Adapter(ABC):
+    """Every hook the merge engine and the pipelines call on a modality.
+
+    Abstract methods are what each modality must say; the others are defaults for a modality
+    that has nothing to do there (no vocabulary rows, no LoRA to re-add, no sampling settings).
+    """
+
+    modality: ClassVar[str]
+    weights_stem: ClassVar[str]  # file stem of the native checkpoint ("model", "diffusion_pytorch_model")
+    library: ClassVar[str] = "transformers"  # the library that loads an output (model card)
+    config_subfolder: ClassVar[str | None] = None  # where config.json sits in a model folder (SDXL: unet)
+
+    # -- sources and groups ---------------------------------------------------------------------
+
+    @abstractmethod
     def open(self, ref: str, label: str, *, allow_pickle: bool = False) -> TensorSource:
         """Open a checkpoint (Hub id or path) under canonical names."""
 
+    @abstractmethod
     def group(self, name: str) -> str:
         """The group a tensor belongs to (the unit of per-group merge values)."""
 
+    @abstractmethod
     def groups(self, names: list[str]) -> list[str]:
         """All groups of a model, in model order."""
 
+    @abstractmethod
     def layer_fraction(self, name: str, reference: TensorSource) -> float:
         """Where the tensor sits in depth, 0..1 (for mergekit-style value gradients)."""
 
     def merge_role(self, name: str, reference: TensorSource) -> str:
         """``merge`` (merged across sources), or ``keep`` (taken from the reference as is)."""
+        return "merge"
 
-    def build(self, reference: TensorSource, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    def is_vocab(self, name: str) -> bool:
+        """Whether the tensor has one row per token (sources may differ in rows: the shared rows merge)."""
+        return False
+
+    def default_reference(self, candidates: Sequence[D]) -> D:
+        """The reference when the recipe names none; ``candidates`` are the base (if any), then
+        the sources, in recipe order."""
+        return candidates[0]
+
+    # -- the runnable ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def build(self, reference: TensorSource, dtype: torch.dtype, device: str) -> Any:
         """The runnable model, built once, holding the reference's weights."""
 
-    def parameters(self, runnable: torch.nn.Module) -> dict[str, torch.Tensor]:
+    @abstractmethod
+    def parameters(self, runnable: Any) -> dict[str, torch.Tensor]:
         """Canonical name -> the live tensor inside the runnable (written in place each trial)."""
 
+    @abstractmethod
+    def empty_model(self, config_folder: Path) -> torch.nn.Module:
+        """The model a config describes, on the meta device (names and shapes, no memory)."""
+
+    def after_merge(self, params: dict[str, torch.Tensor]) -> None:
+        """Touch the runnable's tensors after every in-place rewrite (e.g. re-add a LoRA)."""
+        return None
+
+    def evaluator_settings(self) -> dict[str, Any]:
+        """Data the modality hands its evaluator (SDXL: the pipeline's sampling arguments)."""
+        return {}
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def finish_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An exported tensor as it is written (e.g. with a LoRA fused in); the input is left alone."""
+        return tensor
+
+    @abstractmethod
     def save_extras(self, reference: TensorSource, out_dir: Path, dtype: torch.dtype) -> None:
         """Write everything but the weights: config, tokenizer/processor files."""
+
+
+def pick_reference(adapter: Adapter, wanted: str | None, candidates: Sequence[D]) -> D:
+    """The model whose names, shapes and files the output takes: the one labelled ``wanted`` (a
+    recipe's ``reference:``), else the adapter's default. Merge, plan and DFS all call this."""
+    if wanted:
+        for c in candidates:
+            if c.label == wanted:
+                return c
+        raise EvomergeError(f"reference: no model labelled {wanted!r} (labels: {[c.label for c in candidates]})")
+    return adapter.default_reference(candidates)

@@ -15,7 +15,13 @@ import torch
 
 from evomerge.checkpoint import inside_folder
 from evomerge.errors import EvomergeError
-from evomerge.modalities.base import LAYER_RE, TensorSource, open_checkpoint, resolve_folder
+from evomerge.modalities.base import (
+    LAYER_RE,
+    Adapter,
+    TensorSource,
+    open_checkpoint,
+    resolve_folder,
+)
 
 # Files that are weights, written by the merge itself; everything else in a folder is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -62,7 +68,7 @@ def alias_tied_head(source: TensorSource, embed: str = "model.embed_tokens.weigh
         source.loaded[head] = source.loaded[embed]
 
 
-class CausalLMAdapter:
+class CausalLMAdapter(Adapter):
     modality = "causal_lm"
     weights_stem = "model"
 
@@ -93,9 +99,6 @@ class CausalLMAdapter:
     def is_vocab(self, name: str) -> bool:
         return name.endswith(VOCAB_TENSORS)
 
-    def merge_role(self, name: str, reference: TensorSource) -> str:
-        return "merge"
-
     def build(self, reference: TensorSource, dtype: torch.dtype, device: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
@@ -106,6 +109,12 @@ class CausalLMAdapter:
 
     def parameters(self, runnable: torch.nn.Module) -> dict[str, torch.Tensor]:
         return dict(runnable.state_dict(keep_vars=True))
+
+    def empty_model(self, config_folder: Path) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder))
 
     def save_extras(self, reference: TensorSource, out_dir: Path, dtype: torch.dtype) -> None:
         copy_model_files(reference.folder, out_dir, dtype)

@@ -23,8 +23,9 @@ recipe's ``sdxl.pipeline``). The recipe's ``sdxl:`` block (:class:`evomerge.reci
   merge and to every exported tensor they touch;
 - ``pipeline`` (+ ``components``): the rest of the pipeline. The runnable is then a
   ``StableDiffusionXLPipeline`` built once whose UNet the engine rewrites in place each trial,
-  with the recipe's scheduler and its sampling settings attached as ``pipe.evomerge_sampling``;
-  the export is a full pipeline folder that stock ``from_pretrained`` loads.
+  with the recipe's scheduler; the sampling settings (steps, guidance, search and full size) go
+  to the evaluator as data (:meth:`SDXLAdapter.evaluator_settings`). The export is a full
+  pipeline folder that stock ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ import torch
 
 from evomerge.checkpoint import read_safetensors_header
 from evomerge.errors import EvomergeError, describe
-from evomerge.modalities.base import TensorSource, local_or_hub, open_checkpoint, resolve_folder
+from evomerge.modalities.base import (
+    Adapter,
+    TensorSource,
+    local_or_hub,
+    open_checkpoint,
+    resolve_folder,
+)
 
 if TYPE_CHECKING:
     from evomerge.recipe import LoraSpec, SDXLSpec
@@ -225,9 +232,11 @@ def _quiet_loading() -> Iterator[None]:
         tlog.enable_progress_bar()
 
 
-class SDXLAdapter:
+class SDXLAdapter(Adapter):
     modality = "sdxl"
     weights_stem = UNET_STEM
+    library = "diffusers"
+    config_subfolder = "unet"
 
     def __init__(self, grouping: str = "blocks", spec: SDXLSpec | None = None):
         if grouping not in GROUPINGS:
@@ -320,12 +329,6 @@ class SDXLAdapter:
     def layer_fraction(self, name: str, reference: TensorSource) -> float:
         return BLOCKS.index(unet_block(name)) / (len(BLOCKS) - 1)
 
-    def is_vocab(self, name: str) -> bool:
-        return False
-
-    def merge_role(self, name: str, reference: TensorSource) -> str:
-        return "merge"
-
     # -- a LoRA fused into the merged UNet ------------------------------------------------------
 
     @property
@@ -373,6 +376,10 @@ class SDXLAdapter:
         height = (s.search_height or s.height) if search else s.height
         width = (s.search_width or s.width) if search else s.width
         return {"num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "height": height, "width": width}
+
+    def evaluator_settings(self) -> dict[str, Any]:
+        """``sampling`` (search size) and ``final_sampling`` (full size): pipeline(...) arguments."""
+        return {"sampling": self.sampling(search=True), "final_sampling": self.sampling(search=False)}
 
     def scheduler(self, current: Any) -> Any:
         """The recipe's scheduler, configured from the pipeline's own scheduler config."""
@@ -435,9 +442,15 @@ class SDXLAdapter:
         pipe.evomerge_final_sampling = self.sampling(search=False)
         return pipe
 
-    def parameters(self, runnable: torch.nn.Module) -> dict[str, torch.Tensor]:
-        unet = getattr(runnable, "unet", runnable)
+    def parameters(self, runnable: Any) -> dict[str, torch.Tensor]:
+        unet = runnable if isinstance(runnable, torch.nn.Module) else runnable.unet  # a UNet, or a pipeline
         return dict(unet.state_dict(keep_vars=True))
+
+    def empty_model(self, config_folder: Path) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_folder))
 
     # -- export ---------------------------------------------------------------------------------
 

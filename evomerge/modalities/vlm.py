@@ -11,10 +11,13 @@ merge the rows all sources share and keep the VLM's extra rows (image token, pad
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.modalities.base import TensorSource, open_checkpoint, resolve_folder
+from evomerge.modalities.base import D, TensorSource, open_checkpoint, resolve_folder
 from evomerge.modalities.causal_lm import CausalLMAdapter, alias_tied_head
 from evomerge.strict_io import read_json
 
@@ -60,6 +63,13 @@ class VLMAdapter(CausalLMAdapter):
     def merge_role(self, name: str, reference: TensorSource) -> str:
         return "keep" if name.startswith(VISION_PREFIXES) else "merge"
 
+    def default_reference(self, candidates: Sequence[D]) -> D:
+        """The first LLaVA model (the output is a VLM)."""
+        for c in candidates:
+            if "vision_config" in c.config:
+                return c
+        raise EvomergeError("modality vlm: none of the models is a LLaVA model (no vision_config)")
+
     def check_reference(self, reference: TensorSource) -> None:
         if "vision_config" not in reference.config:
             raise EvomergeError(
@@ -73,3 +83,9 @@ class VLMAdapter(CausalLMAdapter):
         model = AutoModelForImageTextToText.from_pretrained(
             reference.folder, dtype=dtype, trust_remote_code=self.trust_remote_code)
         return model.to(device).eval()
+
+    def empty_model(self, config_folder: Path) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(config_folder))

@@ -8,7 +8,9 @@ The evolve loop only knows this small interface, so parameter-space merges and d
 - ``apply(values)``: make the runnable that candidate, in memory (raises FloatingPointError
   when the candidate's weights hold NaN/inf);
 - ``apply_baseline(spec)``: make it a baseline (a source, a fixed merge);
-- ``export(values, out_dir)``: write the candidate as a stock model folder with its card.
+- ``export(values, out_dir)``: write the candidate as a stock model folder with its card;
+- ``tokenizer_source`` and ``evaluator_settings``: what the evaluator is built with (the folder
+  whose tokenizer it may load; the modality's data for it, e.g. SDXL sampling settings).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ParameterSpaceCandidates:
         self.session, self.device = session, device
         self.space = session.space
         self.tokenizer_source: Path = session.reference.folder
+        self.evaluator_settings = session.adapter.evaluator_settings()
         self._model = None
 
     def runnable(self) -> Any:
@@ -46,7 +49,7 @@ class ParameterSpaceCandidates:
     def apply(self, values: dict[str, float]) -> Any:
         model = self.runnable()
         self.session.engine.merge_into(self._params, self.session.table(values))
-        self._after_merge()
+        self.session.adapter.after_merge(self._params)
         if not all_finite(self._params):
             raise FloatingPointError("merged weights hold NaN or inf")
         return model
@@ -56,14 +59,8 @@ class ParameterSpaceCandidates:
         with torch.no_grad():
             for name, tensor in baseline_tensors(self.session, spec):
                 self._params[name][: tensor.shape[0]].copy_(tensor)
-        self._after_merge()
+        self.session.adapter.after_merge(self._params)
         return model
-
-    def _after_merge(self) -> None:
-        """The adapter's touch after every rewrite (e.g. re-adding a LoRA fused into the merge)."""
-        hook = getattr(self.session.adapter, "after_merge", None)
-        if hook is not None:
-            hook(self._params)
 
     def export(self, values: dict[str, float], out_dir: Path, *, extra_card: str = "",
                show_progress: bool = True) -> Path:

@@ -13,17 +13,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from evomerge import __version__
 from evomerge.atomic import building_folder, check_output
+from evomerge.dtypes import default_dtype
 from evomerge.errors import EvomergeError, describe
 from evomerge.merging.dfs import DFSSpace, LayerPath, cumulative_scales
-from evomerge.merging.engine import parse_dtype
-from evomerge.modalities.base import resolve_folder
+from evomerge.modalities.base import TensorSource, resolve_folder
 from evomerge.modalities.dfs_path import PathModel, check_same_family, decoder_of, write_path_layers
 from evomerge.pipelines.evolve import Evolution, best_values
 from evomerge.pipelines.merge import merge_to_folder, open_session
@@ -64,12 +63,6 @@ def resolve_model(ref: str | PSRef, *, device: str = "cpu", allow_pickle: bool =
     return run / "best"
 
 
-def _config_dtype(cfg: dict) -> torch.dtype:
-    """The dtype a model's config.json records (float32 when it records none)."""
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
-
-
 class DFSCandidates:
     """Candidates are layer paths through A's and B's resident layers (same interface as
     :class:`evomerge.pipelines.candidates.ParameterSpaceCandidates`)."""
@@ -83,7 +76,7 @@ class DFSCandidates:
         self.folder_b = resolve_model(spec.model_b, **opts)
         cfg_a, cfg_b = (json.loads((f / "config.json").read_text()) for f in (self.folder_a, self.folder_b))
         check_same_family(cfg_a, cfg_b)
-        self.dtype = parse_dtype(recipe.dtype) if recipe.dtype else _config_dtype(cfg_a)
+        self.dtype = default_dtype(recipe.dtype, TensorSource.from_headers("a", self.folder_a, "model", cfg_a))
 
         def load(folder: Path) -> nn.Module:
             try:  # safetensors only, unless the user allowed pickle checkpoints

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from evomerge.dtypes import default_dtype
 from evomerge.errors import EvomergeError
 from evomerge.merging.dfs import DFSSpace
-from evomerge.merging.engine import parse_dtype
+from evomerge.modalities import get_adapter
+from evomerge.modalities.base import TensorSource
 from evomerge.modalities.dfs_path import check_same_family, decoder_of
 from evomerge.pipelines.evolve import default_popsize
-from evomerge.pipelines.plan import config_folder
+from evomerge.pipelines.plan import config_folder, plan_reference
 from evomerge.recipe import DFSSpec, PSRef, Recipe, load_recipe
 
 
@@ -71,8 +73,7 @@ def ref_config_folder(ref: str | PSRef) -> Path:
     ps = ps or load_recipe(run / "recipe.yaml")
     if ps.dfs is not None or not ps.models:
         raise EvomergeError("dfs: a PS reference must name a parameter-space recipe or run")
-    refs = {m.label: m.model for m in ps.models}
-    return config_folder(refs.get(ps.reference or "", ps.base or ps.models[0].model), None)
+    return plan_reference(ps, get_adapter(ps.modality)).folder
 
 
 def dfs_value_grid(params: dict[str, float], recipe: Recipe) -> tuple[list[str], list[str], list[list[float]]]:
@@ -104,8 +105,7 @@ def make_dfs_plan(recipe: Recipe) -> DFSPlan:
         one = AutoModelForCausalLM.from_config(config)
     per_layer = sum(p.numel() for p in decoder_of(one).layers[0].parameters())
     outside = sum(p.numel() for p in one.parameters()) - per_layer
-    dtype = parse_dtype(recipe.dtype) if recipe.dtype else getattr(
-        torch, cfgs[0].get("dtype") or cfgs[0].get("torch_dtype") or "bfloat16")
+    dtype = default_dtype(recipe.dtype, TensorSource.from_headers("a", folders[0], "model", cfgs[0]))
     size = torch.empty((), dtype=dtype).element_size()
     gb = size / 2**30
     n = len(space)

@@ -10,18 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from evomerge import __version__
 from evomerge.atomic import building_folder, check_output
 from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
+from evomerge.dtypes import default_dtype
 from evomerge.errors import EvomergeError
-from evomerge.merging.engine import MergeEngine, parse_dtype
+from evomerge.merging.engine import MergeEngine
 from evomerge.merging.registry import get_method
 from evomerge.merging.space import SearchSpace, ValueTable
 from evomerge.modalities import get_adapter
-from evomerge.modalities.base import TensorSource
+from evomerge.modalities.base import Adapter, TensorSource, pick_reference
 from evomerge.progress import progress_bar
 from evomerge.recipe import Recipe, input_paths
 from evomerge.sources import open_model
@@ -37,7 +37,7 @@ class MergeSession:
     """A recipe's models opened once, with the engine and search space built on them."""
 
     recipe: Recipe
-    adapter: object
+    adapter: Adapter
     reference: TensorSource
     base: TensorSource | None
     sources: list[TensorSource]
@@ -54,22 +54,6 @@ class MergeSession:
             method=self.engine.method, sources=tuple(self.labels), shared_fixed=dict(m.parameters),
             per_source_fixed={spec.label: dict(spec.parameters) for spec in self.recipe.models},
             searched=dict(searched or {}), granularity=m.granularity)
-
-
-def _pick_reference(recipe: Recipe, adapter, base: TensorSource | None,
-                    sources: list[TensorSource]) -> TensorSource:
-    candidates = ([base] if base else []) + sources
-    if recipe.reference:
-        for s in candidates:
-            if s.label == recipe.reference:
-                return s
-        raise EvomergeError(f"reference: no model labelled {recipe.reference!r} (labels: {[s.label for s in candidates]})")
-    if recipe.modality == "vlm":
-        for s in candidates:
-            if "vision_config" in s.config:
-                return s
-        raise EvomergeError("modality vlm: none of the models is a LLaVA model (no vision_config)")
-    return base or sources[0]
 
 
 def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
@@ -89,10 +73,9 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
     families = {s.label: _family(s) for s in ([base] if base else []) + sources}
     if len(set(families.values())) > 1:
         raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
-    reference = _pick_reference(recipe, adapter, base, sources)
-    if recipe.modality == "causal_lm":
-        check_no_extra_tensors(reference, ([base] if base else []) + sources)
-    dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(reference)
+    reference = pick_reference(adapter, recipe.reference, ([base] if base else []) + sources)
+    check_no_extra_tensors(reference, ([base] if base else []) + sources)
+    dtype = default_dtype(recipe.dtype, reference)
     engine = MergeEngine(adapter, reference, base, sources, method, dtype=dtype, device=device,
                          seed=recipe.seed, options=method_options(recipe), allow_nonfinite=allow_nonfinite)
     groups = adapter.groups([j.name for j in engine.jobs if j.merge])
@@ -139,13 +122,6 @@ def _has_bool(value) -> bool:
     return isinstance(getattr(value, "value", value), bool)
 
 
-def _stored_dtype(source: TensorSource) -> torch.dtype:
-    for name in source.names():
-        if source.dtype(name).is_floating_point:
-            return source.dtype(name)
-    return torch.float32
-
-
 def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, float] | None = None,
                     *, force: bool = False, show_progress: bool = True,
                     extra_card: str = "") -> Path:
@@ -166,22 +142,21 @@ def merge_to_folder(session: MergeSession, out_dir: Path, values: dict[str, floa
         with progress_bar("merging", total=len(groups), enabled=show_progress) as advance, \
                 WriteBehind(writer) as out:
             current = None
-            finish = getattr(session.adapter, "finish_tensor", None)  # e.g. a LoRA fused into the merge
             for job, tensor in engine.iter_merged(table, reuse_buffers=WriteBehind.BUFFERS):
                 if job.group != current:
                     current = job.group
                     advance(job.group)
-                out.write(job.name, finish(job.name, tensor) if finish else tensor)
+                out.write(job.name, session.adapter.finish_tensor(job.name, tensor))
         session.adapter.save_extras(engine.reference, tmp, engine.dtype)
-        (tmp / "README.md").write_text(model_card(session, values or {}, extra_card))
+        (tmp / "README.md").write_text(model_card(session.recipe, session.adapter.library, values or {}, extra_card))
     return out_dir
 
 
-def model_card(session: MergeSession, values: dict[str, float], extra: str = "") -> str:
-    """A Hugging Face model card recording the sources, the method and every value."""
-    r = session.recipe
+def model_card(r: Recipe, library: str, values: dict[str, float], extra: str = "") -> str:
+    """A Hugging Face model card recording the sources, the method and every value (``library``
+    loads the output: transformers, diffusers)."""
     base_models = ([r.base] if r.base else []) + [m.model for m in r.models]
-    front = {"base_model": base_models, "library_name": "transformers" if r.modality != "sdxl" else "diffusers",
+    front = {"base_model": base_models, "library_name": library,
              "tags": ["merge", "evomerge", r.merge.method]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {r.name}", "",

@@ -7,22 +7,24 @@ source), and the streaming export.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from evomerge.dtypes import default_dtype
 from evomerge.errors import EvomergeError, describe
 from evomerge.hub import not_cached, use_cache_if_offline
-from evomerge.merging.engine import parse_dtype
 from evomerge.merging.registry import get_method
 from evomerge.merging.space import SearchSpace
 from evomerge.modalities import get_adapter
+from evomerge.modalities.base import Adapter, TensorSource, pick_reference
 from evomerge.pipelines.evolve import default_popsize
 from evomerge.recipe import Recipe
+from evomerge.strict_io import read_json
 
 if TYPE_CHECKING:
     from evomerge.pipelines.dfs_plan import DFSPlan
@@ -67,20 +69,32 @@ def config_folder(ref: str, subfolder: str | None) -> Path:
         raise EvomergeError(f"model {ref!r}: cannot read its config ({describe(e)})") from None
 
 
-def meta_state(recipe: Recipe, folder: Path) -> dict[str, torch.Tensor]:
-    """The reference model's tensors as meta tensors (names, shapes; no memory)."""
-    with torch.device("meta"):
-        if recipe.modality == "sdxl":
-            from diffusers import UNet2DConditionModel
+@dataclass
+class ConfigOnly:
+    """A recipe's model as plan sees it: its label, and its config.json fetched on first use (a
+    VLM recipe reads configs until it finds the LLaVA model)."""
 
-            model = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
-        else:
-            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    label: str
+    ref: str
+    subfolder: str | None
 
-            config = AutoConfig.from_pretrained(folder)
-            cls = AutoModelForImageTextToText if recipe.modality == "vlm" else AutoModelForCausalLM
-            model = cls.from_config(config)
-    return dict(model.state_dict())
+    @cached_property
+    def folder(self) -> Path:
+        return config_folder(self.ref, self.subfolder)
+
+    @cached_property
+    def config(self) -> dict:
+        return read_json(self.folder / "config.json", "config.json")
+
+
+def plan_reference(recipe: Recipe, adapter: Adapter) -> TensorSource:
+    """The reference a merge of ``recipe`` would take (the same choice), as far as configs tell:
+    its config, and its tensors' headers when its weights are on disk (for the default dtype)."""
+    sub = adapter.config_subfolder
+    candidates = ([ConfigOnly("base", recipe.base, sub)] if recipe.base else []) + [
+        ConfigOnly(m.label, m.model, sub) for m in recipe.models]
+    ref = pick_reference(adapter, recipe.reference, candidates)
+    return TensorSource.from_headers(ref.label, ref.folder, adapter.weights_stem, ref.config)
 
 
 def make_plan(recipe: Recipe) -> Plan | DFSPlan:
@@ -90,22 +104,13 @@ def make_plan(recipe: Recipe) -> Plan | DFSPlan:
         return make_dfs_plan(recipe)
     adapter = get_adapter(recipe.modality, grouping=recipe.grouping)
     method = get_method(recipe.merge.method)
-    subfolder = "unet" if recipe.modality == "sdxl" else None
-    refs = {m.label: m.model for m in recipe.models}
-    if recipe.reference:
-        ref = refs.get(recipe.reference, recipe.base)
-    elif recipe.modality == "vlm":
-        ref = next((m for m in refs.values()
-                    if "vision_config" in json.loads((config_folder(m, None) / "config.json").read_text())), None)
-        if ref is None:
-            raise EvomergeError("modality vlm: none of the models is a LLaVA model (no vision_config)")
-    else:
-        ref = recipe.base or recipe.models[0].model
-    state = meta_state(recipe, config_folder(ref, subfolder))
-    merged = {n: t for n, t in state.items() if t.is_floating_point() and adapter.group(n) != "vision"}
+    reference = plan_reference(recipe, adapter)
+    state = dict(adapter.empty_model(reference.folder).state_dict())
+    merged = {n: t for n, t in state.items()
+              if t.is_floating_point() and adapter.merge_role(n, reference) == "merge"}
     groups = adapter.groups(list(merged))
     space = SearchSpace.from_spec(recipe.merge, method, [m.label for m in recipe.models], groups)
-    dtype = parse_dtype(recipe.dtype) if recipe.dtype else torch.bfloat16
+    dtype = default_dtype(recipe.dtype, reference)
     size = torch.empty((), dtype=dtype).element_size()
     n_params = sum(t.numel() for t in state.values())
     n_merged = sum(t.numel() for t in merged.values())

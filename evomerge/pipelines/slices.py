@@ -21,8 +21,9 @@ from pathlib import Path
 
 from evomerge.atomic import building_folder, check_output
 from evomerge.checkpoint import PlannedTensor, ShardedSafetensorsWriter, WriteBehind
+from evomerge.dtypes import default_dtype, parse_dtype
 from evomerge.errors import EvomergeError
-from evomerge.merging.engine import MergeEngine, parse_dtype
+from evomerge.merging.engine import MergeEngine
 from evomerge.merging.methods import get_method
 from evomerge.merging.space import ValueTable
 from evomerge.modalities import get_adapter
@@ -30,7 +31,6 @@ from evomerge.modalities.base import LAYER_RE, TensorSource
 from evomerge.modalities.causal_lm import layer_index, num_layers
 from evomerge.pipelines.merge import (
     _family,
-    _stored_dtype,
     check_no_extra_tensors,
     check_parameter_names,
     method_options,
@@ -136,7 +136,7 @@ class Layout:
                                 "and slices cover Llama-style layouts (Llama, Mistral, Qwen2...)")
         # tied embeddings: a head no model stores is not written (as mergekit, and transformers)
         self.untied = {"lm_head.weight"} if any(map(_stores_head, opened)) else set()
-        self.dtype = parse_dtype(recipe.dtype) if recipe.dtype else _stored_dtype(self.reference)
+        self.dtype = default_dtype(recipe.dtype, self.reference)
         self.out_dtype = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
         self.vocab = None
         if recipe.tokenizer is not None:
@@ -252,7 +252,7 @@ class Layout:
                         advance(name)
                         out.write(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
             self._write_extras(tmp, copy_tokenizer)
-            (tmp / "README.md").write_text(model_card(self._card_session(), {}))
+            (tmp / "README.md").write_text(model_card(self.recipe, self.adapter.library, {}))
         return Path(out_dir)
 
     def _write_extras(self, tmp: Path, copy_tokenizer: bool) -> None:
@@ -269,11 +269,6 @@ class Layout:
         from evomerge.vocab import write_tokenizer
 
         write_tokenizer(tmp, self.recipe, self.reference, self.models, self.vocab, copy_tokenizer)
-
-    def _card_session(self):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(recipe=self.recipe)
 
 
 def _stores_head(source: TensorSource) -> bool:
