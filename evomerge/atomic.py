@@ -27,11 +27,13 @@ import ctypes
 import errno
 import fcntl
 import glob
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import EvomergeError
 
@@ -162,6 +164,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         if e.errno in _OUTPUT_ERRNOS:
             raise _output_error(path, e) from None
         raise
+
+
+def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:
+    """JSON through :func:`write_text_atomic` (numbers torch or numpy hand over become floats)."""
+    write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False, default=float))
 
 
 def check_output(dest: str | Path, *, force: bool, inputs: Iterable[str | Path] = ()) -> None:

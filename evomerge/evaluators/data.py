@@ -16,7 +16,7 @@ import csv
 import json
 from pathlib import Path
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -81,9 +81,8 @@ def read_hub(dataset_id: str, config: str | None, split: str) -> list[dict]:
 
         ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as e:  # offline, missing config, auth: one line for the user
-        detail = str(e).splitlines()[0] if str(e) else ""
         raise EvomergeError(f"data set {dataset_id!r} (config {config!r}, split {split!r}): "
-                            f"could not load ({type(e).__name__}: {detail})") from None
+                            f"could not load ({describe(e)})") from None
     return [dict(r) for r in ds]
 
 

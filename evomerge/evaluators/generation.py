@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 
 
 @dataclass
@@ -133,8 +133,7 @@ def load_pretrained(loader: Any, source: str | Path, what: str) -> Any:
     try:
         return loader.from_pretrained(str(source))
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise EvomergeError(f"{what} {str(source)!r}: could not load ({type(e).__name__}: {first})") from None
+        raise EvomergeError(f"{what} {str(source)!r}: could not load ({describe(e)})") from None
 
 
 def load_tokenizer(source: str | Path) -> Any:

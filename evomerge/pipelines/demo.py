@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from evomerge.atomic import write_json_atomic
 from evomerge.errors import EvomergeError
 
 RECIPE_NAME = "miniworld-llm.yaml"
@@ -61,7 +62,7 @@ def run_demo(seed: int = 0, run_dir: Path = Path("runs/miniworld"), cache_dir: P
     """Build/load the world, evolve, score everything on both splits; returns the summary."""
     from evomerge.evaluators.ja_math import JaMathEvaluator
     from evomerge.miniworld.build import build_world, world_dir
-    from evomerge.pipelines.evolve import Evolution, write_json_atomic
+    from evomerge.pipelines.evolve import Evolution
     from evomerge.pipelines.report import write_report
 
     console = console or Console()
@@ -151,8 +152,6 @@ def results_table(rows: dict[str, dict], seed: int) -> Table:
 
 def write_test_split(run_dir: Path, rows: dict[str, dict]) -> None:
     """test.json: every row on both splits, kept as data so any later report shows it."""
-    from evomerge.pipelines.evolve import write_json_atomic
-
     write_json_atomic(run_dir / "test.json", {
         "metrics": ["accuracy", "accuracy_ja"], "rows": rows,
         "note": "accuracy_ja (the score): right AND answered in Japanese. The search only ever saw the "

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evomerge.atomic import write_json_atomic
 from evomerge.errors import EvomergeError
 from evomerge.evaluators.base import ItemEvaluator, Result
 
@@ -222,8 +223,6 @@ class Fitness:
         refs = [list(r) for r in references if len(r) == self.n]
         difficulty = [sum(r[i] for r in refs) / len(refs) for i in range(self.n)] if refs else None
         self.order = item_order(self.n, self.seed, difficulty)
-        from evomerge.pipelines.evolve import write_json_atomic
-
         write_json_atomic(path, {"mode": self.mode, "n_items": self.n, "seed": self.seed,
                                  "stratified_by": len(refs), "order": self.order}, indent=None)
 
@@ -293,8 +292,6 @@ class Fitness:
         if self.mode != "estimated" or not trials:
             return None
         import time
-
-        from evomerge.pipelines.evolve import write_json_atomic
 
         path = Path(run_dir) / RESCORED_FILE
         done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
