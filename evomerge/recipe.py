@@ -352,17 +352,22 @@ def load_recipe(path: str | Path) -> Recipe:
     text = read_text(path, "YAML recipe")
     if fields := template_fields(text):
         raise EvomergeError(f"{path}: a template: set {', '.join(fields)} (evomerge demo fills it in)")
-    data = parse_yaml(text, path, "YAML recipe")
+    return recipe_from_data(parse_yaml(text, path, "YAML recipe"), path, path.parent)
+
+
+def recipe_from_data(data: object, where: str | Path, folder: Path) -> Recipe:
+    """A recipe from parsed YAML (an evomerge recipe or a mergekit config), its relative paths
+    resolved from ``folder``; ``where`` names it in errors."""
     if not isinstance(data, dict):
-        raise EvomergeError(f"{path}: expected a mapping at the top level")
+        raise EvomergeError(f"{where}: expected a mapping at the top level")
     mergekit = "merge_method" in data
     if mergekit:
         from evomerge.mergekit_yaml import from_mergekit
 
-        data = from_mergekit(data, str(path))
+        data = from_mergekit(data, str(where))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise EvomergeError(_format_validation_error(path, data, e)) from None
+        raise EvomergeError(_format_validation_error(Path(where), data, e)) from None
     # mergekit reads a relative model path from the working directory, as mergekit-yaml does
-    return resolve_recipe_paths(recipe, Path.cwd() if mergekit else path.parent)
+    return resolve_recipe_paths(recipe, Path.cwd() if mergekit else folder)

@@ -173,3 +173,26 @@ def model_card(r: Recipe, library: str, values: dict[str, float], extra: str = "
     if extra:
         lines += ["", extra.strip()]
     return "\n".join(lines) + "\n"
+
+
+def merge_recipe(recipe: Recipe, out_dir: str | Path, values: dict[str, float] | None = None, *,
+                 device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
+                 allow_nonfinite: bool = False, force: bool = False, show_progress: bool = True) -> Path:
+    """One merge of a recipe into ``out_dir``, whatever it asks for: a DFS path (``values`` from
+    its run's best.json), a mergekit-style layout (slices, tokenizer, out_dtype...), or the
+    engine's merge with the recipe's fixed values and ``values`` for the searched ones."""
+    out_dir = Path(out_dir)
+    opts = dict(device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if recipe.dfs is not None:
+        from evomerge.pipelines.dfs import DFSCandidates
+
+        if not values:
+            raise EvomergeError(f"recipe {recipe.name}: a dfs recipe fixes no path; merge the run folder evolve wrote")
+        return DFSCandidates(recipe, **opts).export(values, out_dir, force=force, show_progress=show_progress)
+    from evomerge.pipelines.slices import merge_layout, needs_layout
+
+    if needs_layout(recipe):
+        return merge_layout(recipe, out_dir, force=force, show_progress=show_progress,
+                            allow_nonfinite=allow_nonfinite, **opts)
+    session = open_session(recipe, allow_nonfinite=allow_nonfinite, **opts)
+    return merge_to_folder(session, out_dir, values, force=force, show_progress=show_progress)
