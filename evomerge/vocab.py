@@ -27,7 +27,6 @@ from evomerge.modalities.base import TensorSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json")
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def _load_tokenizer(folder: Path, label: str, trust_remote_code: bool):
@@ -73,9 +72,11 @@ def _union(base_tok, tokenizers: dict[str, object], sizes: dict[str, int], trust
 
 @dataclass
 class Vocabulary:
-    """The output tokenizer and, per model label, output token id -> the model's row (-1: none)."""
+    """The output tokenizer and, per model label, output token id -> the model's row (-1: none);
+    ``tensors`` are those with one row per token (the model layout's)."""
 
     tokenizer: object
+    tensors: tuple[str, ...]
     permutations: dict[str, list[int]]
     original: dict[str, dict[str, int]]
     base_label: str | None
@@ -94,7 +95,7 @@ class Vocabulary:
     def align(self, views: list[TensorSource], dtype: torch.dtype) -> None:
         """Lay out the vocabulary rows of one slice's inputs (in merge order) in the output
         vocabulary, in place (as tensors held in memory)."""
-        for name in VOCAB_TENSORS:
+        for name in self.tensors:
             present = [v for v in views if name in v]
             if present:
                 rows = self._aligned([v.label for v in present], [v.read(name, dtype) for v in present])
@@ -174,8 +175,10 @@ class Vocabulary:
 
 
 def build_vocabulary(recipe, models: dict[str, TensorSource], base: TensorSource | None,
-                     reference: TensorSource, *, trust_remote_code: bool = False) -> Vocabulary:
-    """The output tokenizer and every model's row permutation (``recipe.tokenizer``)."""
+                     reference: TensorSource, tensors: tuple[str, ...], *,
+                     trust_remote_code: bool = False) -> Vocabulary:
+    """The output tokenizer and every model's row permutation (``recipe.tokenizer``); ``tensors``
+    are the layout's vocabulary tensors, laid out in it."""
     spec = recipe.tokenizer
     sources = ([base] if base else []) + list(models.values())
     base_source = base or reference
@@ -215,7 +218,7 @@ def build_vocabulary(recipe, models: dict[str, TensorSource], base: TensorSource
             perm[new] = old if old < sizes[s.label] else -1
         permutations[s.label] = perm
     tokens = {t: e.model_dump() for t, e in spec.tokens.items()}
-    return Vocabulary(out, permutations, {label: t.get_vocab() for label, t in tokenizers.items()},
+    return Vocabulary(out, tensors, permutations, {label: t.get_vocab() for label, t in tokenizers.items()},
                       base_source.label if base_source.label in permutations else None, tokens,
                       spec.pad_to_multiple_of)
 

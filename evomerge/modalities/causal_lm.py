@@ -1,45 +1,34 @@
-"""Causal language models in the Llama/Mistral/Qwen layout (``model.layers.N.*``).
+"""Causal language models of the families in :mod:`evomerge.modalities.layouts`.
 
-Canonical names are the checkpoint's own (``model.embed_tokens.weight``,
-``model.layers.3.mlp.down_proj.weight``, ``model.norm.weight``, ``lm_head.weight``).
-Groups: ``embed``, ``layers.0`` ... ``layers.{n-1}``, ``head`` (final norm and lm_head).
+Canonical names are the checkpoint's own as transformers reads them
+(``model.layers.3.mlp.down_proj.weight``, ``transformer.h.3.attn.c_attn.weight``...). Groups: ``embed``, ``layers.0`` ... ``layers.{n-1}``,
+``head`` (final norm and output head). Each model's layout is chosen from its config.json; a
+model whose tensors fit no known layout is refused when opened.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from evomerge.checkpoint import inside_folder
 from evomerge.errors import EvomergeError
-from evomerge.modalities.base import (
-    LAYER_RE,
-    Adapter,
-    TensorSource,
-    open_checkpoint,
-    resolve_folder,
-)
+from evomerge.modalities.base import Adapter, TensorSource, open_checkpoint, resolve_folder
+from evomerge.modalities.layouts import LAYOUTS, Layout, choose
 
 # Files that are weights, written by the merge itself; everything else in a folder is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 SKIP_FILES = {"README.md", ".gitattributes"}
-VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 
 
-def layer_index(name: str) -> int | None:
-    m = LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
-def num_layers(config: dict) -> int:
-    text = config.get("text_config", config)
-    n = text.get("num_hidden_layers") if isinstance(text, dict) else None
-    if type(n) is not int or n < 1:
-        raise EvomergeError("config.json has no num_hidden_layers (a positive integer); is this a causal LM folder?")
-    return n
+def text_config(config: dict) -> dict:
+    """The language model's config (a VLM's ``text_config``, else the config itself)."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
 
 
 def copy_model_files(src: Path, out_dir: Path, dtype: torch.dtype) -> None:
@@ -56,48 +45,87 @@ def copy_model_files(src: Path, out_dir: Path, dtype: torch.dtype) -> None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def alias_tied_head(source: TensorSource, embed: str = "model.embed_tokens.weight") -> None:
-    """A model with tied embeddings stores no lm_head (transformers writes only the embedding):
-    read its lm_head from the embedding, so it merges with untied heads of the same family."""
-    head = "lm_head.weight"
-    if head in source or embed not in source or not source.config.get("tie_word_embeddings", False):
+def alias_tied_head(source: TensorSource, layout: Layout) -> None:
+    """A model with tied embeddings stores no head (transformers writes only the embedding):
+    read its head from the embedding, so it merges with untied heads of the same family."""
+    if not layout.ties(text_config(source.config)):
         return
-    if embed in source.entries:
-        source.entries[head] = source.entries[embed]
-    else:
-        source.loaded[head] = source.loaded[embed]
+    for head, embed in layout.tied:
+        if head in source or embed not in source:
+            continue
+        if embed in source.entries:
+            source.entries[head] = source.entries[embed]
+        else:
+            source.loaded[head] = source.loaded[embed]
+
+
+def rename(source: TensorSource, new_name: Callable[[str], str]) -> None:
+    """Rename a source's tensors in place."""
+    source.entries = {new_name(n): e for n, e in source.entries.items()}
+    source.loaded = {new_name(n): t for n, t in source.loaded.items()}
 
 
 class CausalLMAdapter(Adapter):
     modality = "causal_lm"
     weights_stem = "model"
+    layouts: tuple[Layout, ...] = LAYOUTS  # the tables this adapter chooses from
 
     def __init__(self, trust_remote_code: bool = False):
         self.trust_remote_code = trust_remote_code
+        self.layout: Layout | None = None  # that of the models opened, once one is
 
     def open(self, ref: str, label: str, *, allow_pickle: bool = False) -> TensorSource:
         folder = resolve_folder(ref, allow_pickle=allow_pickle)
         source = open_checkpoint(label, folder, self.weights_stem, lambda n: n, allow_pickle=allow_pickle)
         if "vision_config" in source.config:
             raise EvomergeError(f"model {label}: a vision-language model; use modality: vlm")
-        alias_tied_head(source)
+        layout = self.bind(choose(source.config, source.names(), label, self.layouts), label)
+        if layout.omitted_prefix:
+            rename(source, layout.canonical)
+        alias_tied_head(source, layout)
         return source
 
+    def bind(self, layout: Layout, label: str) -> Layout:
+        """Hold the layout of the models of this merge: all must share its names."""
+        if self.layout is None:
+            self.layout = layout
+        elif not self.layout.same_names(layout):
+            raise EvomergeError(f"model {label}: {layout.family} layout, the models before it have the "
+                                f"{self.layout.family} layout; merge models of one family")
+        return self.layout
+
+    def layout_of(self, name: str) -> Layout:
+        """The bound layout; before any model is opened (a plan made from a config alone), the
+        first table the name fits (their names do not overlap)."""
+        if self.layout is not None:
+            return self.layout
+        fits = next((lay for lay in self.layouts if lay.group(name) is not None), None)
+        if fits is None:
+            raise EvomergeError(f"tensor {name} fits no layout evomerge knows "
+                                f"({', '.join(lay.family for lay in self.layouts)})")
+        return fits
+
     def group(self, name: str) -> str:
-        i = layer_index(name)
-        if i is not None:
-            return f"layers.{i}"
-        return "embed" if "embed_tokens" in name else "head"
+        group = self.layout_of(name).group(name)
+        if group is None:  # open() refused such models; a name from elsewhere
+            raise EvomergeError(f"tensor {name} is not in the {self.layout_of(name).family} layout")
+        return group
 
     def groups(self, names: list[str]) -> list[str]:
         return ordered_groups(self.group(n) for n in names)
 
     def layer_fraction(self, name: str, reference: TensorSource) -> float:
-        i, n = layer_index(name), num_layers(reference.config)
-        return 0.0 if i is None else (i / (n - 1) if n > 1 else 1.0)
+        """Layer i of n at i/(n-1), as mergekit places its value lists (one layer: 1); tensors
+        outside the layers at 0."""
+        layout = self.layout_of(name)
+        i = layout.layer_index(name)
+        if i is None:
+            return 0.0
+        n = layout.num_layers(text_config(reference.config))
+        return i / (n - 1) if n > 1 else 1.0
 
     def is_vocab(self, name: str) -> bool:
-        return name.endswith(VOCAB_TENSORS)
+        return name in self.layout_of(name).vocab
 
     def build(self, reference: TensorSource, dtype: torch.dtype, device: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM

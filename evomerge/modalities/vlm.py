@@ -18,10 +18,11 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.modalities.base import D, TensorSource, open_checkpoint, resolve_folder
-from evomerge.modalities.causal_lm import CausalLMAdapter, alias_tied_head
+from evomerge.modalities.causal_lm import CausalLMAdapter, alias_tied_head, text_config
+from evomerge.modalities.layouts import VLM_LAYOUTS, VLM_LM_PREFIX, choose
 from evomerge.strict_io import read_json
 
-LM = "model.language_model."
+LM = VLM_LM_PREFIX
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")
 LEGACY = [  # (on-disk prefix, canonical prefix), first match wins
     ("language_model.model.", LM),
@@ -45,6 +46,7 @@ def text_llm_name(name: str) -> str:
 
 class VLMAdapter(CausalLMAdapter):
     modality = "vlm"
+    layouts = VLM_LAYOUTS
 
     def open(self, ref: str, label: str, *, allow_pickle: bool = False) -> TensorSource:
         folder = resolve_folder(ref, allow_pickle=allow_pickle)
@@ -53,8 +55,11 @@ class VLMAdapter(CausalLMAdapter):
         is_vlm = "vision_config" in config
         source = open_checkpoint(label, folder, self.weights_stem, vlm_name if is_vlm else text_llm_name,
                                  allow_pickle=allow_pickle)
+        layout = choose(text_config(config) if is_vlm else config, source.names(), label, self.layouts,
+                        ignore=VISION_PREFIXES)
+        layout = self.bind(layout, label)
         if not is_vlm:
-            alias_tied_head(source, LM + "embed_tokens.weight")
+            alias_tied_head(source, layout)
         return source
 
     def group(self, name: str) -> str:

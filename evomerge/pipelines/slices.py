@@ -8,8 +8,10 @@ asks of a causal LM: the output vocabulary, LoRAs, revisions, ``out_dtype``, a c
 
 The embedding (and other tensors before the layers) merges with the first slice's sources and
 values, the final norm and head with the last slice's, as in mergekit. :func:`layer_view` and
-:func:`renumbered` are the path writer: any layer path (a DFS result too) is a list of pieces,
-each a view of a source's layers, written under its output layer numbers.
+the layout's ``renumbered`` are the path writer: any layer path (a DFS result too) is a list of
+pieces, each a view of a source's layers, written under its output layer numbers. Layer names
+come from the models' layout (:mod:`evomerge.modalities.layouts`), so GPT-2, Falcon or GPT-NeoX
+slice as Llama does.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from evomerge.errors import EvomergeError
 from evomerge.merging.engine import MergeEngine
 from evomerge.merging.methods import get_method
 from evomerge.merging.space import ValueTable
-from evomerge.modalities import get_adapter
-from evomerge.modalities.base import LAYER_RE, TensorSource
-from evomerge.modalities.causal_lm import layer_index, num_layers
+from evomerge.modalities import get_adapter, layouts
+from evomerge.modalities.base import TensorSource
+from evomerge.modalities.causal_lm import text_config
 from evomerge.pipelines.merge import (
     _family,
     check_no_extra_tensors,
@@ -46,25 +48,20 @@ def needs_layout(recipe: Recipe) -> bool:
     return bool(recipe.slices or recipe.tokenizer or recipe.chat_template or recipe.out_dtype)
 
 
-def renumbered(name: str, layer: int) -> str:
-    """``name`` moved to layer ``layer`` (``model.layers.3.x`` -> ``model.layers.{layer}.x``)."""
-    return LAYER_RE.sub(f".layers.{layer}.", name, count=1)
-
-
-def layer_view(source: TensorSource, start: int, count: int, keep_other: set[str]) -> TensorSource:
+def layer_view(source: TensorSource, layout: layouts.Layout, start: int, count: int,
+               keep_other: set[str]) -> TensorSource:
     """``source``'s layers ``start .. start+count-1`` as a model of ``count`` layers numbered
     from 0, with those of its other tensors named in ``keep_other``."""
     def rename(name: str) -> str | None:
-        i = layer_index(name)
+        i = layout.layer_index(name)
         if i is None:
             return name if name in keep_other else None
-        return renumbered(name, i - start) if start <= i < start + count else None
+        return layout.renumbered(name, i - start) if start <= i < start + count else None
 
     entries = {new: e for n, e in source.entries.items() if (new := rename(n)) is not None}
     loaded = {new: t for n, t in source.loaded.items() if (new := rename(n)) is not None}
     config = copy.deepcopy(source.config)
-    text = config.get("text_config", config)
-    text["num_hidden_layers"] = count
+    text_config(config)[layout.num_layers_key] = count
     return TensorSource(source.label, source.folder, entries, loaded, config)
 
 
@@ -131,18 +128,20 @@ class Layout:
             raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
         self.reference = self._reference()
         check_no_extra_tensors(self.reference, opened)
-        if not any(layer_index(n) is not None for n in self.reference.names()):
-            raise EvomergeError(f"model {self.reference.label}: no tensors named *.layers.N.*; mergekit YAMLs "
-                                "and slices cover Llama-style layouts (Llama, Mistral, Qwen2...)")
+        self.layout: layouts.Layout = self.adapter.layout  # bound by opening the models
+        if not any(self.layout.layer_index(n) is not None for n in self.reference.names()):
+            raise EvomergeError(f"model {self.reference.label}: no layer tensors ({self.layout.layer_prefix(0)}...); "
+                                "slices need a model with layers")
         # tied embeddings: a head no model stores is not written (as mergekit, and transformers)
-        self.untied = {"lm_head.weight"} if any(map(_stores_head, opened)) else set()
+        self.tied_heads = {head for head, _ in self.layout.tied}
+        self.untied = {head for head in self.tied_heads if any(_stores(s, head, self.layout) for s in opened)}
         self.dtype = default_dtype(recipe.dtype, self.reference)
         self.out_dtype = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
         self.vocab = None
         if recipe.tokenizer is not None:
             from evomerge.vocab import build_vocabulary
 
-            self.vocab = build_vocabulary(recipe, self.models, self.base, self.reference,
+            self.vocab = build_vocabulary(recipe, self.models, self.base, self.reference, self.layout.vocab,
                                           trust_remote_code=trust_remote_code)
         self.pieces = self._plan(device)
         self._check_per_layer_config()
@@ -165,23 +164,23 @@ class Layout:
             keep = self._other_tensors(first=i == 0, last=i == len(slices) - 1)
             piece = self._piece(spec, i, offset, keep, device)
             pieces.append(piece)
-            offset += num_layers(piece.engine.reference.config)
+            offset += self.num_layers(piece.engine.reference)
         return pieces
 
     def _other_tensors(self, *, first: bool, last: bool) -> set[str]:
         """Tensors outside the layers that a slice writes: those before the layers (the
         embedding) with the first slice, the rest (final norm, head) with the last."""
-        names = [n for n in self.reference.names() if layer_index(n) is None
-                 and (n != "lm_head.weight" or n in self.untied)]
+        names = [n for n in self.reference.names() if self.layout.layer_index(n) is None
+                 and (n not in self.tied_heads or n in self.untied)]
         return {n for n in names if (self.adapter.group(n) == "embed" and first)
                 or (self.adapter.group(n) != "embed" and last)}
 
     def _view(self, label: str, source: TensorSource, layer_range, keep: set[str], where: str) -> TensorSource:
-        total = num_layers(source.config)
+        total = self.num_layers(source)
         start, end = layer_range or (0, total)
         if end > total:
             raise EvomergeError(f"{where}: layer_range [{start}, {end}] of {label}, which has {total} layers")
-        return layer_view(source, start, end - start, keep)
+        return layer_view(source, self.layout, start, end - start, keep)
 
     def _piece(self, spec: SliceSpec, index: int, offset: int, keep: set[str], device: str) -> Piece:
         where = f"slices[{index}]" if self.recipe.slices else "models"
@@ -190,7 +189,7 @@ class Layout:
                 raise EvomergeError(f"{where}: no model labelled {src.model!r} (labels: {', '.join(self.models)})")
         views = {s.model: self._view(s.model, self.models[s.model], s.layer_range, keep, where)
                  for s in spec.sources}
-        lengths = {num_layers(v.config) for v in views.values()}
+        lengths = {self.num_layers(v) for v in views.values()}
         if len(lengths) > 1:
             raise EvomergeError(f"{where}: its sources have different numbers of layers {sorted(lengths)}")
         base = None
@@ -220,20 +219,23 @@ class Layout:
 
     def _check_per_layer_config(self) -> None:
         """A config list with one entry per layer (``layer_types``...) would not fit another count."""
-        text = self.reference.config.get("text_config", self.reference.config)
-        n = num_layers(self.reference.config)
+        text = text_config(self.reference.config)
+        n = self.num_layers(self.reference)
         per_layer = [k for k, v in text.items() if isinstance(v, list) and len(v) == n and n > 1]
         if self.layers != n and per_layer:
             raise EvomergeError(f"model {self.reference.label}: config.json {per_layer[0]} has one entry per layer; "
                                 f"slices giving {self.layers} layers instead of {n} are not supported for it")
 
+    def num_layers(self, source: TensorSource) -> int:
+        return self.layout.num_layers(text_config(source.config))
+
     @property
     def layers(self) -> int:
-        return sum(num_layers(p.engine.reference.config) for p in self.pieces)
+        return sum(self.num_layers(p.engine.reference) for p in self.pieces)
 
     def output_name(self, piece: Piece, name: str) -> str:
-        i = layer_index(name)
-        return name if i is None else renumbered(name, piece.offset + i)
+        i = self.layout.layer_index(name)
+        return name if i is None else self.layout.renumbered(name, piece.offset + i)
 
     def write(self, out_dir: Path, *, force: bool = False, shard_bytes: int = 5 * 10**9,
               copy_tokenizer: bool = True, show_progress: bool = True) -> Path:
@@ -261,8 +263,8 @@ class Layout:
         copy_model_files(self.reference.folder, tmp, self.out_dtype or self.dtype)
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())
-        text = config.get("text_config", config)
-        text["num_hidden_layers"] = self.layers
+        text = text_config(config)
+        text[self.layout.num_layers_key] = self.layers
         if self.vocab is not None:
             text["vocab_size"] = self.vocab.rows
         config_path.write_text(json.dumps(config, indent=2) + "\n")
@@ -271,9 +273,9 @@ class Layout:
         write_tokenizer(tmp, self.recipe, self.reference, self.models, self.vocab, copy_tokenizer)
 
 
-def _stores_head(source: TensorSource) -> bool:
-    """Whether a checkpoint has its own lm_head (not one read from its tied embedding)."""
-    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+def _stores(source: TensorSource, head: str, layout: layouts.Layout) -> bool:
+    """Whether a checkpoint has its own ``head`` (not one read from its tied embedding)."""
+    embed = dict(layout.tied)[head]
     for table in (source.entries, source.loaded):
         if head in table:
             return table.get(embed) is not table[head]
