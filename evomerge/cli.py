@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from evomerge.errors import EvomergeError, describe
+from evomerge.errors import EvomergeError
 from evomerge.hub import require_hub
 
 # plain click help: flags read --force/--no-force, and logs get no box drawing
@@ -61,24 +61,6 @@ def resolve_device(device: str) -> str:
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise EvomergeError(f"--device {device}: MPS is not available here; use --device cpu")
     return device
-
-
-def check_storage(storage: str | None) -> None:
-    """A ``--storage`` that names a database kind SQLAlchemy knows, or a journal in an existing folder."""
-    if storage is None:
-        return
-    if storage.startswith("journal:"):
-        folder = Path(storage.removeprefix("journal:")).expanduser().absolute().parent
-        if not folder.is_dir():
-            raise EvomergeError(f"--storage {storage}: folder {folder} does not exist")
-        return
-    from sqlalchemy.engine import make_url
-
-    try:
-        make_url(storage).get_dialect()
-    except Exception as e:  # ArgumentError, NoSuchModuleError: all "not a URL we can open"
-        raise EvomergeError(f"--storage {storage!r}: not a database URL ({describe(e)}); use "
-                            "sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH") from None
 
 
 def recipe_and_values(path: Path):
@@ -243,33 +225,34 @@ def evolve(
     recipe_path: Annotated[Path, typer.Argument(metavar="recipe", help="evomerge recipe with merge.search and evaluator")],
     trials: Annotated[int | None, typer.Option(min=0, help="total finished trials to reach (resumes)")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage: a database URL, or journal:PATH (default: SQLite in the run folder)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage: a database URL (postgresql://... for several "
+                                                     "machines), or journal:PATH (default: SQLite in the run folder)")] = None,
+    study_name: Annotated[str | None, typer.Option(help="the study's name in its storage (default: recipe name + hash)")] = None,
     sampler: Annotated[Sampler | None, typer.Option(help="the recipe's by default (cmaes unless it says)")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="start this many local workers on the study (CPU)")] = None,
+    devices: Annotated[str | None, typer.Option(help="start one local worker per device, e.g. cuda:0,cuda:1")] = None,
     export_best: Annotated[bool, typer.Option("--export-best/--no-export-best", help="write the best model to RUN/best")] = False,
     push_to_hub: PushToHub = None,
     device: Device = "",
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustCode = False,
 ) -> None:
-    """Search merge values with CMA-ES, scoring each trial's merged model; rerun to resume.
+    """Search merge values with CMA-ES, scoring each trial's merged model; rerun to resume, start
+    again (on any machine sharing --storage) to add a worker.
 
     Example: evomerge evolve recipes/evollm-jp-ps.yaml --trials 200 --export-best
     """
-    from evomerge.pipelines.evolve import Evolution
+    from evomerge.pipelines.workers import evolve_command
 
     if push_to_hub and not export_best:
         raise EvomergeError("--push-to-hub uploads the exported best model: add --export-best")
     if push_to_hub:
         require_hub(f"--push-to-hub {push_to_hub}")
-    check_storage(storage)
-    evo = Evolution(recipe_file(recipe_path), run_dir=run_dir, storage=storage,
-                    sampler=sampler.value if sampler else None,
-                    device=resolve_device(device), allow_pickle=allow_pickle,
-                    trust_remote_code=trust_remote_code)
-    outcome = evo.run(trials, export_best=export_best)
-    score = "none (no trial completed)" if outcome.best_value is None else f"{outcome.best_value:.4g}"
-    typer.echo(f"best score {score} in {outcome.run_dir} (values in best.json)")
-    if push_to_hub and outcome.best_values:
+    outcome = evolve_command(
+        recipe_file(recipe_path), trials=trials, run_dir=run_dir, storage=storage, study_name=study_name,
+        sampler=sampler.value if sampler else None, workers=workers, devices=devices, export_best=export_best,
+        device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, resolve_device=resolve_device)
+    if push_to_hub and outcome is not None and outcome.best_values:
         pushed(outcome.run_dir / "best", push_to_hub)
 
 
@@ -283,6 +266,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder written by
 
     files = write_report(run_dir)
     typer.echo(f"report: {files['html']} (self-contained; Markdown: {files['summary']})")
+    if files["cmaes_use"] is not None:
+        unused, complete = files["cmaes_use"]
+        typer.echo(f"complete trials CMA-ES did not use: {unused} of {complete} ({unused / max(complete, 1):.1%})")
     typer.echo(f"dashboard: optuna-dashboard {files['storage']}")
 
 

@@ -123,6 +123,8 @@ class SearchSpec(BaseModel):
     popsize: int | None = Field(None, ge=2)
     separable: bool = False
     fitness: FitnessSpec = FitnessSpec()
+    max_consecutive_failures: int = Field(
+        5, ge=0, description="stop when this many trials in a row fail the same way (0: never stop)")
 
 
 class PSRef(BaseModel):

@@ -24,3 +24,19 @@ def likelihood(model, sleep: float = 0.0, fail_marker: str = "") -> float:
         logits = model(TEXT).logits.float()
     time.sleep(sleep)
     return -F.cross_entropy(logits[0, :-1], TEXT[0, 1:]).item()
+
+
+def fails_after(model, calls: int = 1, counter: str = "") -> float:
+    """Scores the first ``calls`` evaluations (counted in the file ``counter``), then fails every
+    time the same way, with a number that changes (as CUDA's out-of-memory message does)."""
+    path = Path(counter)
+    n = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(n + 1))
+    if n >= calls:
+        raise RuntimeError(f"CUDA out of memory. Tried to allocate {n * 2 + 1}.00 MiB")
+    return likelihood(model)
+
+
+def odd_items(model) -> dict:
+    """A score with items JSON cannot hold as they are."""
+    return {"score": likelihood(model), "items": [{"obj": object(), "t": torch.tensor([1.0, 2.0])}]}

@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from evomerge.errors import EvomergeError
 from evomerge.pipelines.evolve import Evolution
 
 TESTS = Path(__file__).parent
@@ -163,19 +164,21 @@ def test_nan_candidates_and_failing_evaluations_fail_alone(llama_fp32, tmp_path,
     recipe_data = yaml.safe_load(recipe.read_text())
     recipe_data["merge"]["search"] = {"weight": [0, 1]}
     recipe.write_text(yaml.safe_dump(recipe_data))
+    # A source holding NaN fails the preflight (the merge at the box centre): one line naming
+    # the tensor, before any trial (not a budget of failed trials).
     evo = Evolution(recipe, run_dir=tmp_path / "run")
-    evo.run(show_progress=False)
-    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "run" / "trials").glob("*.json"))]
-    assert len(records) == 3
-    assert all("NaN" in r["error"] for r in records)
+    with pytest.raises(EvomergeError, match=r"preflight: the merge at the centre.*model\.layers\.0\.mlp\.up_proj\.weight.*NaN"):
+        evo.run(show_progress=False)
+    assert not list((tmp_path / "run" / "trials").glob("*.json"))
     assert not (tmp_path / "run" / "best.json").exists()
 
     # A failing evaluation fails its trial; later trials complete.
     recipe_data["models"][1]["model"] = str(llama_fp32["m2"])
     recipe_data["name"] = "flaky"
     recipe.write_text(yaml.safe_dump(recipe_data))
-    marker.write_text("x")
     evo = Evolution(recipe, run_dir=tmp_path / "run2")
+    evo.score_baselines()  # the preflight passes first
+    marker.write_text("x")
     outcome = evo.run(show_progress=False)
     assert [t.score is None for t in outcome.timings] == [True, False, False]
     assert outcome.best_value is not None

@@ -60,11 +60,23 @@ class Result:
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Anything with a ``name`` that scores a runnable model."""
+    """Anything with a ``name`` that scores a runnable model (what racing and the tests need).
+    Evaluators that evolve loads also subclass :class:`BaseEvaluator`."""
 
     name: str
 
     def __call__(self, runnable: Any) -> Result: ...
+
+
+class BaseEvaluator:
+    """What evolve calls on every evaluator, with the defaults of one that writes no files:
+    ``grid_dir`` (where image grids go, none) and ``set_run_dir`` (told the run folder, nothing
+    to do). Subclass it (or :class:`ScoresItems`) for a new kind."""
+
+    grid_dir: Path | None = None
+
+    def set_run_dir(self, run_dir: Path) -> None:
+        """Called by evolve once the run folder exists."""
 
 
 @runtime_checkable
@@ -80,7 +92,7 @@ class ItemEvaluator(Evaluator, Protocol):
     def score_items(self, runnable: Any, indices: Sequence[int]) -> Result: ...
 
 
-class ScoresItems:
+class ScoresItems(BaseEvaluator):
     """A base for :class:`ItemEvaluator` classes (they define ``n_items`` and ``score_items``):
     calling one scores every item."""
 
@@ -141,7 +153,11 @@ def load_evaluator(spec: dict, *, tokenizer_source: str | Path | None = None) ->
         raise EvomergeError(f"evaluator kind {kind!r} is unknown (one of: {', '.join(sorted(EVALUATORS))})")
     if isinstance(factory, str):
         factory = import_object(factory, what=f"evaluator kind {kind!r}")
-    return factory(spec, tokenizer_source)
+    evaluator = factory(spec, tokenizer_source)
+    if not isinstance(evaluator, BaseEvaluator):
+        raise EvomergeError(f"evaluator kind {kind!r}: {type(evaluator).__name__} must subclass "
+                            "evomerge.evaluators.base.BaseEvaluator")
+    return evaluator
 
 
 def as_result(value: Any, *, source: str = "evaluator") -> Result:
@@ -171,7 +187,7 @@ def as_result(value: Any, *, source: str = "evaluator") -> Result:
                         "or a dict with 'score'")
 
 
-class PythonEvaluator:
+class PythonEvaluator(BaseEvaluator):
     """Your own scoring function, named ``"module:function"`` in the spec.
 
     The function is called as ``fn(model, **options)``; if it accepts a ``tokenizer_source``

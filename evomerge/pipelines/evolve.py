@@ -1,149 +1,70 @@
 """Evolve a merge recipe: the loop of the paper, on an Optuna study.
 
+    check everything before writing anything: recipe, evaluator, sampler, storage, device, models
     open the recipe's models once, build the runnable model once
-    score the baselines the recipe asks for (once per run)
+    preflight: one evaluation (the first baseline, else the merge at the box centre) must succeed
+    score the baselines the recipe asks for (once per study, whichever worker gets there first)
     until the study holds N finished trials:
-        ask the sampler for values (CMA-ES: mean 0.5, sigma 1/6 in the normalised box)
+        claim a trial: CMA-ES samples values (mean 0.5, sigma 1/6 in the normalised box), or wait
+            while the current generation is fully asked
         merge in memory into the runnable's parameters
         evaluate the runnable -> one score (higher is better)
         record the trial (study storage + a JSON file) and tell the sampler
     write the best values (and the best model with --export-best)
 
-Everything lives in a run directory; rerunning the same command resumes. A trial that was
-running when the process died is marked failed ("interrupted", not counted) and its slot is
-sampled again; a trial whose merge holds NaN/inf or whose evaluation raises is failed and
-counted, and the run goes on.
+Everything lives in a run folder; rerunning the same command resumes, and starting it again
+while it runs adds a worker (:mod:`evomerge.pipelines.study` says how they share the study). A
+trial whose worker died is retired ("interrupted", not counted) and its slot sampled again; a
+trial whose merge holds NaN/inf or whose evaluation raises fails alone, and the run goes on
+unless ``search.max_consecutive_failures`` trials in a row fail the same way.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import re
 import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.table import Table
 
 from evomerge.errors import EvomergeError, describe
 from evomerge.evaluators.base import Result, load_evaluator
 from evomerge.pipelines.candidates import make_candidates
 from evomerge.pipelines.fitness import Fitness, Scored
-from evomerge.recipe import Recipe, load_recipe
-from evomerge.recipe_paths import pin_root, same_recipe
+from evomerge.pipelines.run_state import (
+    RunPaths,
+    claim_run_dir,
+    read_json,
+    run_folder,
+    settle,
+    write_json_atomic,
+)
+from evomerge.pipelines.study import (
+    INTERRUPTED,
+    SharedStudy,
+    check_storage,
+    counted,
+    default_popsize,
+    distributions,
+    make_sampler,
+    open_study,
+    polling,
+)
+from evomerge.progress import TrialLog, timing_summary
+from evomerge.recipe import load_recipe
+from evomerge.recipe_paths import pin_root
 
-INTERRUPTED = "interrupted"
-
-
-def write_json_atomic(path: Path, data, *, indent: int | None = 2) -> None:
-    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False, default=float))
-    os.replace(tmp, path)
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / "recipe.yaml"
-
-    @property
-    def trials(self) -> Path:
-        return self.root / "trials"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "best.json"
-
-    @property
-    def baselines(self) -> Path:
-        return self.root / "baselines.json"
-
-    @property
-    def info(self) -> Path:
-        return self.root / "run.json"  # the storage URL the run used
-
-    def default_storage(self) -> str:
-        return f"sqlite:///{(self.root / 'study.db').resolve()}"
-
-    def storage(self) -> str:
-        """The storage a run recorded (``--storage``), else the run folder's SQLite file."""
-        if self.info.exists():
-            return json.loads(self.info.read_text())["storage"]
-        return self.default_storage()
-
-
-def make_sampler(recipe: Recipe, kind: str) -> optuna.samplers.BaseSampler:
-    """CMA-ES as in the paper (Optuna's defaults: mean at the box centre, sigma 1/6, population
-    4 + floor(3 ln n)); random and TPE for comparison."""
-    seed = recipe.seed
-    if kind == "cmaes":
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, popsize=recipe.search.popsize, use_separable_cma=recipe.search.separable,
-            warn_independent_sampling=False)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    raise EvomergeError(f"--sampler {kind!r}: use cmaes, random or tpe")
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage | str:
-    """The study storage for a URL: any SQLAlchemy URL, or ``journal:PATH`` for Optuna's
-    append-only journal file (resumable, safe for several processes on one host, and much
-    cheaper per write than SQLite; the mini-world demo uses it, where a trial is a fraction of
-    a second). SQLite gets write-ahead logging: each trial writes a few dozen small
-    transactions, and WAL commits them without an fsync each (a killed process still loses
-    nothing committed; only a power cut can lose the last ones) and lets readers in meanwhile."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    if not url.startswith("sqlite:"):
-        return url
-    from sqlalchemy import event
-
-    storage = optuna.storages.RDBStorage(url)
-
-    def pragmas(connection, _record) -> None:
-        cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    event.listen(storage.engine, "connect", pragmas)
-    storage.engine.dispose()  # connections opened before the listener get reopened with it
-    return storage
-
-
-def default_popsize(n_values: int) -> int:
-    return 4 + math.floor(3 * math.log(max(n_values, 1)))
-
-
-def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count toward the total: completed, or failed for a reason of their own."""
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE
-            or (t.state == TrialState.FAIL and t.user_attrs.get("reason") != INTERRUPTED)]
-
-
-def _retire_interrupted(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by a killed process as failed-interrupted (their slot is redone)."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(stale)
+__all__ = ["INTERRUPTED", "Evolution", "EvolveOutcome", "RunPaths", "TrialTiming", "best_values",
+           "default_popsize", "write_json_atomic"]
 
 
 @dataclass
@@ -153,6 +74,7 @@ class TrialTiming:
     merge_s: float
     eval_s: float
     total_s: float
+    error: str = ""
 
     @property
     def other_s(self) -> float:
@@ -168,70 +90,93 @@ class EvolveOutcome:
     baselines: dict[str, dict] = field(default_factory=dict)
 
 
+def json_safe(value: Any) -> Any:
+    """What an evaluator returned, as JSON can hold it: tensors and arrays as lists or numbers,
+    anything else unknown as its text (a record must never stop a run, nor a resume)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    for convert in ("tolist", "item"):
+        if callable(getattr(value, convert, None)):
+            try:
+                return json_safe(getattr(value, convert)())
+            except Exception:  # noqa: BLE001 - fall back to text below
+                break
+    return str(value)[:1000]
+
+
+def failure_kind(error: str) -> str:
+    """Failures of one kind differ only in numbers (CUDA out of memory, tried to allocate N)."""
+    return re.sub(r"\d+(\.\d+)?", "#", error)
+
+
 class Evolution:
-    """One run: a recipe, its run directory and study, the runnable model and the evaluator."""
+    """One worker of a run: a recipe, its run folder and study, the runnable model, the evaluator."""
 
     def __init__(self, recipe_path: str | Path, *, run_dir: str | Path | None = None,
-                 storage: str | None = None, sampler: str | None = None, device: str = "cpu",
-                 allow_pickle: bool = False, trust_remote_code: bool = False,
-                 console: Console | None = None):
+                 storage: str | None = None, sampler: str | None = None, study_name: str | None = None,
+                 device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
+                 console: Console | None = None, command: str | None = None):
+        recipe_path = Path(recipe_path)
         self.recipe = load_recipe(recipe_path)
         if not self.recipe.evaluator:
             raise EvomergeError(f"{recipe_path}: field evaluator: missing; evolve needs an evaluator to score trials")
-        self.paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / self.recipe.name)
+        self.paths = RunPaths(run_folder(self.recipe, run_dir))
         self.console = console or Console()
-        # models are opened (and checked) before the run directory is made
+        check_storage(storage, run_dir=self.paths.root)
+        if sampler is not None:
+            make_sampler(sampler, {}, seed=0, popsize=None, separable=False)  # a bad name: one line
+        text = recipe_path.read_text()
+        if recipe_path.resolve() != self.paths.recipe.resolve():
+            text = pin_root(text, recipe_path)
+        started = self.paths.baselines.exists() or any(self.paths.trials.glob("*.json"))
+        self.command = command or f"evomerge evolve {recipe_path} --run-dir NEW_FOLDER"
+        self.settings = settle(self.paths, self.recipe, text, storage=storage, study=study_name,
+                               sampler=sampler, new_command=self.command, started=started)
+        # models and evaluator are opened (and checked) before the run folder is made
         self.candidates = make_candidates(
             self.recipe, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
             console=self.console)
         if not self.candidates.space.names:
             raise EvomergeError(f"{recipe_path}: field merge.search: empty; name the values to search, e.g. weight: [0, 1]")
-        self._claim_run_dir(Path(recipe_path))
-        self.sampler_kind = sampler or self.recipe.search.sampler
-        self.storage = storage or self.paths.default_storage()
-        write_json_atomic(self.paths.info, {"storage": self.storage, "study": self.recipe.name})
         self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.candidates.tokenizer_source)
-        if hasattr(self.evaluator, "set_run_dir"):  # evaluators that write files (image grids)
-            self.evaluator.set_run_dir(self.paths.root)
         self.fitness = Fitness.for_recipe(self.evaluator, self.recipe.search.fitness, seed=self.recipe.seed)
+        claim_run_dir(self.paths, recipe_path, text, self.settings, started=started)
+        self.evaluator.set_run_dir(self.paths.root)  # evaluators that write files (image grids)
+        self.sampler_kind = self.settings.sampler
+        self.storage = self.paths.expand(self.settings.storage)
+        self.started_at = time.time()
+        self._shared: SharedStudy | None = None
 
-    def _claim_run_dir(self, recipe_path: Path) -> None:
-        """Create the run directory with a copy of the recipe, or check it holds the same one."""
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        self.paths.trials.mkdir(exist_ok=True)
-        text = recipe_path.read_text()
-        if recipe_path.resolve() != self.paths.recipe.resolve():
-            text = pin_root(text, recipe_path)
-        if self.paths.recipe.exists():
-            if not same_recipe(self.paths.recipe.read_text(), text):
-                raise EvomergeError(
-                    f"{self.paths.root} holds a run of a different recipe; pass --run-dir for a new run")
-        else:
-            self.paths.recipe.write_text(text)
+    # -- the study -----------------------------------------------------------------------------
+
+    def shared(self) -> SharedStudy:
+        if self._shared is None:
+            space = distributions(self.candidates.space)
+            popsize = self.recipe.search.popsize or default_popsize(len(space))
+            sampler = make_sampler(self.sampler_kind, space, seed=self.recipe.seed,
+                                   popsize=self.recipe.search.popsize, separable=self.recipe.search.separable)
+            study, lock = open_study(self.storage, self.settings.study, sampler, lock_dir=self.paths.root)
+            self._shared = SharedStudy(study, lock, space, popsize if self.sampler_kind == "cmaes" else None)
+        return self._shared
 
     def study(self) -> optuna.Study:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.create_study(
-            study_name=self.recipe.name, storage=open_storage(self.storage), direction="maximize",
-            sampler=make_sampler(self.recipe, self.sampler_kind), load_if_exists=True)
+        return self.shared().study
 
     # -- one trial ----------------------------------------------------------------------------
-
-    def _evaluate(self, runnable) -> Result:
-        with torch.no_grad():
-            return self.evaluator(runnable)
 
     def _score(self, runnable) -> Scored:
         with torch.no_grad():
             return self.fitness.score(runnable)
 
-    def run_trial(self, study: optuna.Study) -> TrialTiming:
+    def run_trial(self, shared: SharedStudy, trial: optuna.Trial) -> TrialTiming:
         start = time.perf_counter()
-        trial = study.ask()
-        space = self.candidates.space
-        values = {name: trial.suggest_float(name, *space.bounds(name)) for name in space.names}
+        values = dict(trial.params)  # sampled when the trial was claimed
         merge_s = eval_s = 0.0
-        score = None
+        scored = score = None
         record: dict = {"number": trial.number, "values": values}
         try:
             t0 = time.perf_counter()
@@ -244,44 +189,101 @@ class Evolution:
             if not math.isfinite(scored.value):
                 raise FloatingPointError(f"evaluator returned {scored.value}")
             score = scored.value
-            record.update(score=score, metrics=result.metrics, items=result.items, fitness=scored.record())
-            for k, v in {**result.metrics, **scored.attrs()}.items():
-                trial.set_user_attr(k, v)
+            record.update(score=score, metrics=json_safe(result.metrics), items=json_safe(result.items),
+                          fitness=json_safe(scored.record()))
         except Exception as e:  # a bad candidate fails alone; the run goes on
-            record.update(error=f"{describe(e)}", traceback=traceback.format_exc(limit=3))
-            trial.set_user_attr("reason", f"{describe(e)}"[:500])
-        trial.set_user_attr("merge_s", merge_s)
-        trial.set_user_attr("eval_s", eval_s)
+            record.update(error=describe(e), traceback=traceback.format_exc(limit=3))
+        except BaseException:  # Ctrl-C, SIGTERM: nothing half-way, the trial is redone on resume
+            shared.interrupt(trial)
+            raise
         record.update(merge_s=merge_s, eval_s=eval_s)
         # one line per trial record: with every item's output inside, pretty-printing costs
         # more than the merge of a small model
         write_json_atomic(self.paths.trials / f"{trial.number:05d}.json", record, indent=None)
         total = time.perf_counter() - start  # bookkeeping up to here; tell() is the sampler's
-        trial.set_user_attr("total_s", total)
-        if score is None:
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, score)
-            self.fitness.adopt(trial.number, scored)
-        return TrialTiming(trial.number, score, merge_s, eval_s, time.perf_counter() - start)
+        try:
+            attrs = {"merge_s": merge_s, "eval_s": eval_s, "total_s": total}
+            if score is not None:
+                attrs.update(json_safe({**scored.result.metrics, **scored.attrs()}))
+            else:
+                attrs["reason"] = record["error"][:500]
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            shared.release(trial)
+            if score is None:
+                shared.study.tell(trial, state=TrialState.FAIL)
+            else:
+                shared.study.tell(trial, score)
+                self.fitness.adopt(trial.number, scored)
+        except UpdateFinishedTrialError:  # our lease lapsed (a long stall) and another worker retired it
+            record["error"] = "retired by another worker while it ran (its lease had lapsed); result dropped"
+            score = None
+        finally:
+            shared.release(trial)
+        return TrialTiming(trial.number, score, merge_s, eval_s, time.perf_counter() - start,
+                           record.get("error", ""))
 
-    # -- baselines ----------------------------------------------------------------------------
+    # -- preflight and baselines --------------------------------------------------------------
 
-    def score_baselines(self) -> dict[str, dict]:
-        """Score each baseline the recipe names, once per run (kept in baselines.json)."""
-        done = json.loads(self.paths.baselines.read_text()) if self.paths.baselines.exists() else {}
-        for spec in self.recipe.baselines:
+    def _job(self, shared: SharedStudy, key: str, work, *, fatal: bool) -> dict | None:
+        """Run a once-per-study job here, or take another worker's result. A failure is one
+        line naming the job: fatal (the preflight: exit 2) or skipped."""
+        status = shared.take(key, retry_failed_before=self.started_at)
+        if status == "busy":
+            status = shared.wait_job(key)["status"]
+        if status == "mine":
+            try:
+                result = work()
+            except Exception as e:
+                shared.finish(key, failed=describe(e))
+                status = "failed"
+            except BaseException:
+                shared.finish(key, failed="interrupted")
+                raise
+            else:
+                shared.finish(key, result=result)
+                return result
+        rec = shared.job(key) or {}
+        if status == "failed" or "failed" in rec:
+            what = "the merge at the centre of the search box" if key == "preflight" else key.replace(":", " ")
+            message = f"{what}: {rec.get('failed', 'failed')}"
+            if fatal:
+                raise EvomergeError(f"preflight: {message}; nothing was searched (fix it and rerun)")
+            self.console.print(f"{message} (skipped)")
+            return None
+        return rec.get("result")
+
+    def _baseline(self, spec: dict) -> dict:
+        with torch.no_grad():
+            result: Result = self.evaluator(self.candidates.apply_baseline(spec))
+        grids = self.evaluator.grid_dir  # image grids: the report shows each baseline's
+        if grids is not None and (grids / "latest.png").exists():
+            shutil.copyfile(grids / "latest.png", grids / f"baseline-{spec['name']}.png")
+        self.console.print(f"baseline [bold]{spec['name']}[/]: {result.score:.4f}")
+        # per-item scores order the items for racing and estimated fitness
+        return json_safe({"score": result.score, "metrics": result.metrics, "values": result.values})
+
+    def _centre(self) -> dict:
+        space = self.candidates.space
+        values = {n: sum(space.bounds(n)) / 2 for n in space.names}
+        with torch.no_grad():
+            result = self.evaluator(self.candidates.apply(values))
+        return {"score": json_safe(result.score)}
+
+    def score_baselines(self, shared: SharedStudy | None = None) -> dict[str, dict]:
+        """Score each baseline the recipe names, once per study (kept in baselines.json too).
+        The first is the preflight: if it fails, the run stops before trial 1."""
+        shared = shared or self.shared()
+        done = read_json(self.paths.baselines, "baselines.json") if self.paths.baselines.exists() else {}
+        if not self.recipe.baselines:
+            self._job(shared, "preflight", self._centre, fatal=True)
+        for i, spec in enumerate(self.recipe.baselines):
             name = spec["name"]
-            if name in done:
-                continue
-            result = self._evaluate(self.candidates.apply_baseline(spec))
-            grids = getattr(self.evaluator, "grid_dir", None)  # image grids: the report shows each baseline's
-            if grids is not None and (grids / "latest.png").exists():
-                shutil.copyfile(grids / "latest.png", grids / f"baseline-{name}.png")
-            # per-item scores order the items for racing and estimated fitness
-            done[name] = {"score": result.score, "metrics": result.metrics, "values": result.values}
-            write_json_atomic(self.paths.baselines, done)
-            self.console.print(f"baseline [bold]{name}[/]: {result.score:.4f}")
+            if name not in done:
+                result = self._job(shared, f"baseline:{name}", lambda spec=spec: self._baseline(spec), fatal=i == 0)
+                if result is not None:
+                    done[name] = result
+                    write_json_atomic(self.paths.baselines, done)
         return done
 
     # -- the loop -----------------------------------------------------------------------------
@@ -289,38 +291,71 @@ class Evolution:
     def run(self, trials: int | None = None, *, export_best: bool = False,
             show_progress: bool = True) -> EvolveOutcome:
         total = trials or self.recipe.search.trials
-        study = self.study()
-        retired = _retire_interrupted(study)
-        if retired:
-            self.console.print(f"resuming: {retired} interrupted trial(s) will be redone")
-        baselines = self.score_baselines()
+        shared = self.shared()
+        baselines = self.score_baselines(shared)
         self.fitness.prepare(self.paths.root, [b.get("values", []) for b in baselines.values()])
-        self._recover_incumbent(study)
+        self._recover_incumbent(shared.study)
         timings: list[TrialTiming] = []
-        from evomerge.progress import trial_progress
-
-        done = len(_finished(study))
-        with trial_progress(total, done, enabled=show_progress) as update:
-            while done < total:
-                timing = self.run_trial(study)
+        streak: list[str] = []
+        limit = self.recipe.search.max_consecutive_failures
+        done = sum(counted(t) for t in shared.trials())
+        with TrialLog(total, done, self.console, enabled=show_progress) as log, polling() as wait:
+            while True:
+                claim = shared.claim(total)
+                if claim.retired:
+                    log.note(f"retired trial(s) {', '.join(map(str, claim.retired))} of a dead worker; "
+                             "their slots are sampled again")
+                if claim.kind == "done":
+                    break
+                if claim.kind == "wait":
+                    log.waiting(claim.why)
+                    wait()
+                    continue
+                if self.fitness.mode == "racing":
+                    self._recover_incumbent(shared.study)  # other workers may have a better one
+                timing = self.run_trial(shared, claim.trial)
                 timings.append(timing)
-                done = len(_finished(study))
-                best = study.best_value if _has_complete(study) else None
-                update(done, best, timing)
+                trials_now = shared.trials()
+                done = sum(counted(t) for t in trials_now)
+                best = max((t.value for t in trials_now if t.state == TrialState.COMPLETE), default=None)
+                log.trial(timing, done, best, timing.error)
                 if best is not None and timing.score == best:
-                    self._write_best(study)
-        outcome = EvolveOutcome(self.paths.root, None, {}, timings, baselines)
-        if _has_complete(study):
-            self._write_best(study, self._rescore_best(study))
-            best = json.loads(self.paths.best.read_text())
-            outcome.best_value, outcome.best_values = best["score"], best["values"]
+                    self._write_best(shared.study)
+                streak = streak + [failure_kind(timing.error)] if timing.score is None else []
+                if limit and len(streak) >= limit and len(set(streak[-limit:])) == 1:
+                    raise EvomergeError(f"stopped: the last {limit} trials failed the same way ({timing.error}); "
+                                        f"see {self.paths.trials} (search.max_consecutive_failures)")
+        outcome = EvolveOutcome(self.paths.root, None, {}, timings, self._refresh_baselines(baselines))
+        final = self._job(shared, f"final:{total}", lambda: self._finalize(shared.study), fatal=False)
+        if final is not None:
+            write_json_atomic(self.paths.best, final)
+            outcome.best_value, outcome.best_values = final["score"], final["values"]
         if timings:
-            self.console.print(timing_table(timings))
+            self.console.print(timing_summary(timings))
         if export_best and outcome.best_values:
             out = self.candidates.export(outcome.best_values, self.paths.root / "best",
-                                         extra_card=self._card_note(study), show_progress=show_progress)
+                                         extra_card=self._card_note(shared.study), show_progress=show_progress)
             self.console.print(f"best model written to {out}")
         return outcome
+
+    def _refresh_baselines(self, done: dict[str, dict]) -> dict[str, dict]:
+        """Baselines another worker scored meanwhile, into this run folder's baselines.json."""
+        shared = self.shared()
+        for spec in self.recipe.baselines:
+            rec = shared.job(f"baseline:{spec['name']}") or {}
+            if spec["name"] not in done and "result" in rec:
+                done[spec["name"]] = rec["result"]
+        if done:
+            write_json_atomic(self.paths.baselines, done)
+        return done
+
+    def _finalize(self, study: optuna.Study) -> dict | None:
+        """Once per study, by the worker that finds it finished: the re-scores of estimated
+        fitness, then best.json."""
+        if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            return None
+        self._write_best(study, self._rescore_best(study))
+        return read_json(self.paths.best, "best.json")
 
     def _write_best(self, study: optuna.Study, rescored: dict | None = None) -> None:
         """best.json: the best trial, or (estimated fitness) the best of the re-scored trials
@@ -332,56 +367,47 @@ class Evolution:
                         metrics={**t.user_attrs, **rescored["metrics"], "fitness_full": True})
         elif not t.user_attrs.get("fitness_full", True):
             best["estimated"] = True  # a trial scored on anchors only: re-scored at the end
-        write_json_atomic(self.paths.best, best)
+        write_json_atomic(self.paths.best, json_safe(best))
 
     # -- racing and estimated fitness ---------------------------------------------------------
 
-    def _fitness_record(self, number: int) -> dict:
-        return json.loads((self.paths.trials / f"{number:05d}.json").read_text())["fitness"]
+    def _fitness_record(self, number: int) -> dict | None:
+        """A trial's per-item scores, from its record (None when another host ran it)."""
+        path = self.paths.trials / f"{number:05d}.json"
+        return read_json(path, "trial record").get("fitness") if path.exists() else None
 
     def _recover_incumbent(self, study: optuna.Study) -> None:
-        """A resumed run races against the best fully scored trial it had (its per-item scores
-        are in its trial record)."""
+        """Race against the best fully scored trial the study has (its per-item scores are in
+        its trial record): after a resume, and before each trial when other workers run."""
         full = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.user_attrs.get("fitness_full")]
         if full and self.fitness.mode != "full":
             t = max(full, key=lambda t: t.value)
-            self.fitness.recover([(t.number, t.value, self._fitness_record(t.number))])
+            if self.fitness.incumbent is None or t.value > self.fitness.incumbent.score:
+                self.fitness.recover([(t.number, t.value, self._fitness_record(t.number))])
 
     def _rescore_best(self, study: optuna.Study) -> dict | None:
         """Estimated fitness: the best trials by estimate, re-scored on every item."""
         if self.fitness.mode != "estimated":
             return None
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        top = sorted(complete, key=lambda t: -t.value)[:self.fitness.rescore]
+        top = [(t.number, t.value, self._fitness_record(t.number)) for t in sorted(complete, key=lambda t: -t.value)]
+        top = [entry for entry in top if entry[2] is not None][:self.fitness.rescore]  # records here
         with torch.no_grad():
             return self.fitness.finalize(
-                self.paths.root, [(t.number, t.value, self._fitness_record(t.number)) for t in top],
+                self.paths.root, top,
                 lambda number: self.candidates.apply(study.trials[number].params), log=self.console.print)
 
     def _card_note(self, study: optuna.Study) -> str:
-        best = json.loads(self.paths.best.read_text())
-        return (f"## Evolution\n\nBest of {len(_finished(study))} trials ({self.sampler_kind}): "
+        best = read_json(self.paths.best, "best.json")
+        finished = sum(counted(t) for t in study.get_trials(deepcopy=False))
+        return (f"## Evolution\n\nBest of {finished} trials ({self.sampler_kind}): "
                 f"trial {best['trial']}, score {best['score']:.4f} on the search set.")
 
 
-def _has_complete(study: optuna.Study) -> bool:
-    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-
-
-def timing_table(timings: list[TrialTiming]) -> Table:
-    """Per-trial time split into merge, evaluation and everything else, with totals."""
-    table = Table(title="trial time (s)")
-    for col in ("trial", "score", "merge", "evaluate", "other", "total"):
-        table.add_column(col, justify="right")
-    for t in timings:
-        table.add_row(str(t.number), "failed" if t.score is None else f"{t.score:.4f}",
-                      f"{t.merge_s:.3f}", f"{t.eval_s:.3f}", f"{t.other_s:.3f}", f"{t.total_s:.3f}")
-    m, e, o, s = (sum(getattr(t, a) for t in timings) for a in ("merge_s", "eval_s", "other_s", "total_s"))
-    table.add_row("all", "", f"{m:.3f}", f"{e:.3f}", f"{o:.3f}", f"{s:.3f}", style="bold")
-    if s > 0:
-        table.add_row("share", "", f"{m / s:.1%}", f"{e / s:.1%}", f"{o / s:.1%}", "100%")
-    return table
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count toward the total (complete, or failed for a reason of their own)."""
+    return [t for t in study.get_trials(deepcopy=False) if counted(t)]
 
 
 def best_values(run_dir: Path) -> dict[str, float]:
@@ -389,5 +415,4 @@ def best_values(run_dir: Path) -> dict[str, float]:
     path = RunPaths(Path(run_dir)).best
     if not path.exists():
         raise EvomergeError(f"{run_dir}: no best.json; has the run finished a trial?")
-    return json.loads(path.read_text())["values"]
-
+    return read_json(path, "best.json")["values"]

@@ -22,8 +22,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import EvomergeError
 from evomerge.pipelines import report_page, report_plots
-from evomerge.pipelines.evolve import INTERRUPTED, RunPaths, default_popsize, open_storage
 from evomerge.pipelines.fitness import cost_rows
+from evomerge.pipelines.run_state import RunPaths
+from evomerge.pipelines.study import INTERRUPTED, default_popsize, open_storage, unused_by_cmaes
 from evomerge.recipe import Recipe, load_recipe
 
 NOT_METRICS = {"merge_s", "eval_s", "total_s", "reason", "stopped"}
@@ -33,12 +34,26 @@ def load_run(run_dir: Path):
     if not (run_dir / "recipe.yaml").exists():
         raise EvomergeError(f"{run_dir}: not a run directory (no recipe.yaml); pass the folder evolve wrote")
     recipe = load_recipe(run_dir / "recipe.yaml")
+    paths = RunPaths(run_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name, url = paths.study_name(recipe), paths.storage()
+    storage, _ = open_storage(url, lock_dir=run_dir)
     try:
-        study = optuna.load_study(study_name=recipe.name, storage=open_storage(RunPaths(run_dir).storage()))
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise EvomergeError(f"{run_dir}: the study {recipe.name!r} is not in its storage") from None
+        raise EvomergeError(f"{run_dir}: the study {name!r} is not in its storage {url}") from None
+    except Exception as e:  # a server that does not answer, a file that is not a study
+        raise EvomergeError(f"{run_dir}: cannot read the study {name!r} from {url} ({e.__class__.__name__})") from None
     return recipe, study
+
+
+def cmaes_use(recipe: Recipe, run_dir: Path, trials: list[FrozenTrial]) -> tuple[int, int] | None:
+    """(complete trials CMA-ES did not use, complete trials), for CMA-ES runs."""
+    sampler = RunPaths(run_dir).recorded().get("sampler") or {}
+    if (sampler.get("kind") or recipe.search.sampler) != "cmaes" or not trials:
+        return None
+    n_values = max((len(t.params) for t in trials), default=1)
+    return unused_by_cmaes(trials, recipe.search.popsize or default_popsize(n_values))
 
 
 def _json(path: Path) -> dict | None:
@@ -116,9 +131,16 @@ def timing_rows(run_dir: Path, trials: list[FrozenTrial], counts: dict[str, int]
     for k, v in (summary.get("cost") or {}).items():  # the fitness cost summary, when recorded
         rows.append((f"cost: {k}".replace("_", " "), report_page.fmt(v)))
     for k, v in (_json(run_dir / "run.json") or {}).items():
-        if k not in ("storage", "study", "root") and isinstance(v, (int, float, str)):
+        if k not in ("storage", "study", "root", "version") and isinstance(v, (int, float, str)):
             rows.append((k.replace("_", " "), report_page.fmt(v)))
     return rows
+
+
+def unused_row(use: tuple[int, int] | None) -> list[tuple[str, str]]:
+    if use is None:
+        return []
+    unused, complete = use
+    return [("complete trials CMA-ES did not use", f"{unused} of {complete} ({unused / max(complete, 1):.1%})")]
 
 
 def test_results(run_dir: Path) -> dict | None:
@@ -203,7 +225,8 @@ def gather(run_dir: Path, out: Path) -> dict:
                         f"trial {best.number} with {best_score:.4f}.",
             "notes": notes, "test": test_results(run_dir), "sources": sources(recipe), "figures": figures,
             "best": {"trial": best.number, "values": dict(best.params)},
-            "timing": timing_rows(run_dir, trials, counts) + cost_rows(trials, run_dir), "recipe_text": (run_dir / "recipe.yaml").read_text(),
+            "timing": timing_rows(run_dir, trials, counts) + unused_row(cmaes_use(recipe, run_dir, trials))
+            + cost_rows(trials, run_dir), "cmaes_use": cmaes_use(recipe, run_dir, trials), "recipe_text": (run_dir / "recipe.yaml").read_text(),
             "dashboard": f"optuna-dashboard {storage}", "storage": storage}
 
 
@@ -232,4 +255,5 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     (out / "summary.md").write_text(report_page.markdown(report))
     (out / "summary.html").write_text(report_page.page(report))
     files = {f["path"].stem: f["path"] for f in report["figures"]}
-    return {**files, "summary": out / "summary.md", "html": out / "summary.html", "storage": report["storage"]}
+    return {**files, "summary": out / "summary.md", "html": out / "summary.html", "storage": report["storage"],
+            "cmaes_use": report["cmaes_use"]}

@@ -1,0 +1,472 @@
+"""The study that several ``evomerge evolve`` workers share: storage, sampler, and who asks what.
+
+Every worker is the same command started again (on this host or another sharing the storage).
+They coordinate through the storage alone:
+
+- **A claim lock** serialises the decision to ask a trial: a PostgreSQL advisory lock, or an
+  ``flock`` on a file beside a journal/SQLite file. Both die with their process.
+- **No waste**: Optuna's CMA-ES tags each trial with its generation and tells a generation's
+  first ``popsize`` complete trials; complete trials of a past generation are never used. So a
+  worker asks only while the current generation has fewer than ``popsize`` trials running or
+  complete, and otherwise waits until the generation completes (or one of its trials fails and
+  frees its slot). The search space is known up front, so even trial 0 is a CMA-ES sample.
+- **Exact total**: no trial is asked once finished + running trials reach the total.
+- **Dead workers**: each running trial records its owner (host, boot, pid, process start) and a
+  lease the owner renews every few seconds. A trial is retired (failed, "interrupted", its slot
+  asked again) only when its owner is dead: a process gone from this host, or a lease expired
+  on another host. A live worker's trial is never retired.
+- **Once per study**: baselines, the preflight check and the final re-score are claimed with the
+  same owner and lease in the study's system attributes, so each is done by one worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import EvomergeError, describe
+
+INTERRUPTED = "interrupted"
+OWNER, LEASE = "evomerge:owner", "evomerge:lease"
+LEASE_INTERVAL_S = 10.0  # how often an owner renews its leases
+LEASE_GRACE_S = 60.0  # a lease not renewed for this long (another host) means its owner is dead
+
+
+def default_popsize(n_values: int) -> int:
+    return 4 + math.floor(3 * math.log(max(n_values, 1)))
+
+
+# -- storage URLs -------------------------------------------------------------------------------
+
+
+def storage_url(url: str) -> str:
+    """``postgresql://`` as typed: SQLAlchemy reads it as psycopg2; with only psycopg 3
+    installed (``evomerge[postgres]``) it means ``postgresql+psycopg://``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def check_storage(url: str | None, flag: str = "--storage", *, run_dir: Path | None = None) -> None:
+    """A storage URL SQLAlchemy can open with an installed driver, or a journal in an existing
+    folder (or in the run folder, made later)."""
+    if url is None:
+        return
+    if url.startswith("journal:"):
+        folder = Path(url.removeprefix("journal:")).expanduser().absolute().parent
+        if not folder.is_dir() and (run_dir is None or folder != run_dir.absolute()):
+            raise EvomergeError(f"{flag} {url}: folder {folder} does not exist")
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        dialect = make_url(storage_url(url)).get_dialect()
+    except Exception as e:  # ArgumentError, NoSuchModuleError: all "not a URL we can open"
+        raise EvomergeError(f"{flag} {url!r}: not a database URL ({describe(e)}); use "
+                            "sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        hint = "pip install 'evomerge[postgres]'" if dialect.name == "postgresql" else \
+            f"install the {dialect.driver} driver"
+        raise EvomergeError(f"{flag} {url}: the {dialect.name} driver ({dialect.driver}) is not installed; "
+                            f"{hint}") from None
+
+
+class FlockLock:
+    """An exclusive ``flock`` on a file: released by the kernel when its holder dies, so a
+    SIGKILLed worker never leaves a stale lock (Optuna's journal locks wait out a grace period)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._fd: int | None = None
+        self._depth = 0
+        self._mutex = threading.RLock()  # the lease thread writes to the journal too
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self._mutex.acquire()
+        if self._depth == 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+        self._mutex.release()
+
+    def __enter__(self) -> FlockLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class AdvisoryLock:
+    """A PostgreSQL session advisory lock on its own connection (the server drops it when the
+    connection dies)."""
+
+    def __init__(self, url: str, name: str):
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        self._text = text
+        self._conn = create_engine(url, poolclass=NullPool).connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._mutex = threading.Lock()
+
+    def __enter__(self) -> AdvisoryLock:
+        self._mutex.acquire()
+        self._conn.execute(self._text("select pg_advisory_lock(:k)"), {"k": self._key})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._conn.execute(self._text("select pg_advisory_unlock(:k)"), {"k": self._key})
+        finally:
+            self._mutex.release()
+
+
+def open_storage(url: str, *, lock_dir: Path | None = None) -> tuple[optuna.storages.BaseStorage, Any]:
+    """The study storage for a URL and the claim lock that goes with it.
+
+    ``journal:PATH`` is Optuna's append-only journal file (several processes on one host or a
+    shared file system; much cheaper per write than SQLite). SQLite gets write-ahead logging:
+    each trial writes a few dozen small transactions, and WAL commits them without an fsync each
+    and lets readers in meanwhile. PostgreSQL is the storage for several machines."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal:"):]).expanduser()
+        appends = FlockLock(f"{path}.evomerge-append")  # not the claim lock: the lease thread appends too
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=appends)), FlockLock(f"{path}.evomerge-lock")
+    url = storage_url(url)
+    if url.startswith("sqlite:"):
+        lock = FlockLock(f"{url.removeprefix('sqlite:///')}.evomerge-lock")
+    elif url.startswith("postgresql"):
+        lock = AdvisoryLock(url, "evomerge")
+    else:  # other servers: one host only (the lock file lives in the run folder)
+        lock = FlockLock((lock_dir or Path(".")) / ".study.evomerge-lock")
+    with lock:  # two workers creating the tables at once would collide
+        try:
+            storage = optuna.storages.RDBStorage(url)
+        except Exception as e:
+            raise EvomergeError(f"storage {url}: cannot open ({describe(e)})") from None
+    if url.startswith("sqlite:"):
+        from sqlalchemy import event
+
+        def pragmas(connection, _record) -> None:
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        event.listen(storage.engine, "connect", pragmas)
+        storage.engine.dispose()  # connections opened before the listener get reopened with it
+    return storage, lock
+
+
+# -- the sampler -------------------------------------------------------------------------------
+
+
+class KnownSpaceCmaEs(optuna.samplers.CmaEsSampler):
+    """CMA-ES over a search space known up front: Optuna infers the space from complete trials,
+    so its first trial would be sampled at random and tagged with no generation (unused)."""
+
+    def __init__(self, space: dict[str, BaseDistribution], **kwargs):
+        super().__init__(n_startup_trials=0, warn_independent_sampling=False, **kwargs)
+        self._known = dict(sorted(space.items()))  # Optuna's own order: names sorted
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return dict(self._known)
+
+
+def make_sampler(kind: str, space: dict[str, BaseDistribution], *, seed: int, popsize: int | None,
+                 separable: bool) -> optuna.samplers.BaseSampler:
+    """CMA-ES as in the paper (Optuna's defaults: mean at the box centre, sigma 1/6, population
+    4 + floor(3 ln n)); random and TPE for comparison."""
+    if kind == "cmaes":
+        return KnownSpaceCmaEs(space, seed=seed, popsize=popsize, use_separable_cma=separable)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    raise EvomergeError(f"--sampler {kind!r}: use cmaes, random or tpe")
+
+
+def distributions(space) -> dict[str, BaseDistribution]:
+    return {name: FloatDistribution(*space.bounds(name)) for name in space.names}
+
+
+# -- owners and leases ---------------------------------------------------------------------------
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks (Linux): a reused pid has another."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def me() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _process_start(pid)}
+
+
+def owner_alive(owner: dict | None, lease: float | None) -> bool:
+    """Whether a trial's (or claim's) owner still runs: on this host, its process; elsewhere,
+    its lease."""
+    if not isinstance(owner, dict):
+        return False  # no owner recorded: a process killed while asking, or an older evomerge
+    here = me()
+    if owner.get("host") == here["host"] and owner.get("boot") == here["boot"]:
+        pid = owner.get("pid")
+        if not isinstance(pid, int):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # someone else's live process
+        return not owner.get("start") or _process_start(pid) in ("", owner["start"])
+    return isinstance(lease, (int, float)) and time.time() < lease
+
+
+class Leases:
+    """Renews this process's leases in the background, so others see it alive mid-trial."""
+
+    def __init__(self):
+        self._renew: dict[str, Callable[[float], None]] = {}
+        self._mutex = threading.Lock()  # the registry
+        self._renewing = threading.Lock()  # held while renewing: a dropped lease is never renewed after
+        self._thread: threading.Thread | None = None
+
+    def hold(self, key: str, renew: Callable[[float], None]) -> None:
+        renew(time.time() + LEASE_GRACE_S)
+        with self._mutex:
+            self._renew[key] = renew
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="evomerge-leases", daemon=True)
+                self._thread.start()
+
+    def drop(self, key: str) -> None:
+        with self._renewing, self._mutex:
+            self._renew.pop(key, None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(LEASE_INTERVAL_S)
+            with self._renewing:
+                with self._mutex:
+                    renewals = list(self._renew.values())
+                for renew in renewals:
+                    with contextlib.suppress(Exception):  # a retired trial: its owner learns at tell
+                        renew(time.time() + LEASE_GRACE_S)
+
+
+# -- trials --------------------------------------------------------------------------------------
+
+
+def counted(t: FrozenTrial) -> bool:
+    """Trials that count toward the total: complete, or failed for a reason of their own."""
+    return t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.user_attrs.get("reason") != INTERRUPTED)
+
+
+def generation(t: FrozenTrial) -> int | None:
+    for key, v in t.system_attrs.items():
+        if key.endswith(":generation") and isinstance(v, int):  # cma:, sepcma: (CMA-ES records it)
+            return v
+    return None
+
+
+def unused_by_cmaes(trials: list[FrozenTrial], popsize: int) -> tuple[int, int]:
+    """(complete trials CMA-ES never uses, complete trials). Optuna tells a generation's first
+    ``popsize`` complete trials (by number); the rest of that generation, and trials sampled
+    outside CMA-ES (no generation), are never used. The last generation's trials are told when
+    the study goes on."""
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    seen: dict[int, int] = {}
+    unused = 0
+    for t in complete:
+        g = generation(t)
+        if g is None:
+            unused += 1
+            continue
+        seen[g] = seen.get(g, 0) + 1
+        unused += seen[g] > popsize
+    return unused, len(complete)
+
+
+@dataclass
+class Claim:
+    """What a worker may do now: ``trial`` (run it), ``wait`` (why) or ``done``."""
+
+    kind: str
+    trial: optuna.Trial | None = None
+    why: str = ""
+    retired: tuple[int, ...] = ()
+
+
+class SharedStudy:
+    """One worker's handle on the shared study: claims trials and once-per-study jobs."""
+
+    def __init__(self, study: optuna.Study, lock: Any, space: dict[str, BaseDistribution],
+                 popsize: int | None):
+        self.study, self.lock, self.space, self.popsize = study, lock, space, popsize
+        self.leases = Leases()
+        self.owner = me()
+
+    @property
+    def storage(self):
+        return self.study._storage
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    def retire_dead(self, trials: list[FrozenTrial]) -> tuple[int, ...]:
+        """Mark running trials whose owner is dead failed-interrupted (not counted, redone)."""
+        dead = [t for t in trials if t.state == TrialState.RUNNING
+                and not owner_alive(t.system_attrs.get(OWNER), t.system_attrs.get(LEASE))]
+        for t in dead:
+            self.storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        return tuple(t.number for t in dead)
+
+    def claim(self, total: int) -> Claim:
+        with self.lock:
+            trials = self.trials()
+            retired = self.retire_dead(trials)
+            if retired:
+                trials = self.trials()
+            finished = sum(counted(t) for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if finished >= total:
+                return Claim("done", retired=retired)
+            if finished + running >= total:
+                return Claim("wait", why="the last trials are running", retired=retired)
+            if self.popsize:
+                why = self._generation_full(trials)
+                if why:
+                    return Claim("wait", why=why, retired=retired)
+            trial = self.study.ask(self.space)  # sampled (and its generation tagged) under the lock
+            self.storage.set_trial_system_attr(trial._trial_id, OWNER, self.owner)
+            self.leases.hold(f"trial:{trial._trial_id}", lambda until, tid=trial._trial_id:
+                             self.storage.set_trial_system_attr(tid, LEASE, until))
+            return Claim("trial", trial=trial, retired=retired)
+
+    def _generation_full(self, trials: list[FrozenTrial]) -> str:
+        gens = [g for t in trials if (g := generation(t)) is not None]
+        if not gens:
+            return ""
+        g = max(gens)
+        mine = [t for t in trials if generation(t) == g]
+        done = sum(t.state == TrialState.COMPLETE for t in mine)
+        asked = done + sum(t.state == TrialState.RUNNING for t in mine)
+        if done < self.popsize <= asked:
+            return f"generation {g} is fully asked ({done}/{self.popsize} complete)"
+        return ""
+
+    def release(self, trial: optuna.Trial) -> None:
+        self.leases.drop(f"trial:{trial._trial_id}")
+
+    def interrupt(self, trial: optuna.Trial) -> None:
+        """This worker stops mid-trial (Ctrl-C, SIGTERM): the trial is retired now, not counted."""
+        self.release(trial)
+        with contextlib.suppress(Exception):
+            self.storage.set_trial_user_attr(trial._trial_id, "reason", INTERRUPTED)
+            self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+    # -- once per study ------------------------------------------------------------------------
+
+    def job(self, key: str) -> dict | None:
+        return self.storage.get_study_system_attrs(self.study._study_id).get(f"evomerge:{key}")
+
+    def set_job(self, key: str, value: dict) -> None:
+        self.storage.set_study_system_attr(self.study._study_id, f"evomerge:{key}", value)
+
+    def take(self, key: str, *, retry_failed_before: float | None = None) -> str:
+        """Claim a once-per-study job: ``mine`` (do it, under a lease), ``done`` (its record
+        holds a result), ``failed`` or ``busy`` (a live worker does it). A failed job recorded
+        before ``retry_failed_before`` is claimed again."""
+        with self.lock:
+            rec = self.job(key) or {}
+            if "result" in rec:
+                return "done"
+            if "failed" in rec and (retry_failed_before is None or rec.get("at", 0) >= retry_failed_before):
+                return "failed"
+            if "owner" in rec and "failed" not in rec and owner_alive(rec["owner"], rec.get("lease")):
+                return "busy"
+            owner = self.owner
+            self.leases.hold(f"job:{key}", lambda until: self.set_job(key, {"owner": owner, "lease": until}))
+            return "mine"
+
+    def finish(self, key: str, result: Any = None, *, failed: str | None = None) -> None:
+        self.leases.drop(f"job:{key}")
+        if failed is not None:
+            self.set_job(key, {"failed": failed, "at": time.time()})
+        else:
+            self.set_job(key, {"result": result})
+
+    def wait_job(self, key: str, poll: float = 0.5) -> dict:
+        """Wait until another worker's job has a result (or failed, or its owner died)."""
+        while True:
+            status = self.take(key)
+            if status != "busy":
+                return {"status": status, **(self.job(key) or {})}
+            time.sleep(poll)
+
+
+def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *,
+               lock_dir: Path | None = None) -> tuple[optuna.Study, Any]:
+    storage, lock = open_storage(url, lock_dir=lock_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with lock:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                        sampler=sampler, load_if_exists=True)
+        except Exception as e:  # a server that does not answer, a file it cannot write...
+            raise EvomergeError(f"storage {url}: cannot open the study ({describe(e)})") from None
+    return study, lock
+
+
+@contextlib.contextmanager
+def polling(first: float = 0.2, most: float = 2.0) -> Iterator[Callable[[], None]]:
+    """``wait()`` sleeps a little longer each time (up to ``most`` seconds)."""
+    delay = [first]
+
+    def wait() -> None:
+        time.sleep(delay[0])
+        delay[0] = min(delay[0] * 1.5, most)
+
+    yield wait
