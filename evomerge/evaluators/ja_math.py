@@ -28,6 +28,10 @@ The scoring functions are pure and usable on their own, e.g. to re-score saved o
 :class:`JaMathEvaluator` runs the whole thing on a transformers causal LM; its ``score`` is
 ``accuracy_ja`` (correct **and** Japanese), the fitness the paper maximised, and its items
 and metrics carry both readings.
+
+One file for one task family (DESIGN.md: scoring, prompts, data and runner together), ~400
+lines: the two readings and the runner share the prompt, stop and answer definitions, and a
+reader checking evomerge against the paper wants them side by side.
 """
 
 from __future__ import annotations

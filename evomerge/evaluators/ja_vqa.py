@@ -10,6 +10,10 @@ tower's resolution, no anyres tiles).
 
 :class:`JaVQAEvaluator` runs the whole thing on a LLaVA / LLaVA-NeXT model with its processor;
 its ``score`` is the ROUGE-L with the Japanese rule (Sakana's ``rougeL_ja``).
+
+One file for one task family (DESIGN.md), ~400 lines: images, prompts, the processor set-up
+and the runner must agree on one image/prompt convention per model class, so they stay
+together; the ROUGE scoring, which stands alone, is in :mod:`evomerge.evaluators.ja_rouge`.
 """
 
 from __future__ import annotations
