@@ -1,7 +1,7 @@
 """An evomerge recipe (and a run's chosen values) as a mergekit 0.1.5 YAML giving the same tensors.
 
 Per-source values become model ``parameters``; per-group values become ``filter`` entries, one per
-layer (``model.layers.3.``) and one per tensor outside the layers, so every tensor reads exactly
+layer (``model.layers.3.``, ``transformer.h.3.``) and one per tensor outside the layers, so every tensor reads exactly
 the value the run chose (a per-layer list would interpolate). Settings mergekit has no key for
 but does not need (``seed``, ``tie_order``) are written as evomerge keys that mergekit ignores;
 anything mergekit would merge differently is refused with one line naming it.
@@ -37,11 +37,15 @@ def _dump(value: Any) -> Any:
 
 
 def group_filters(groups: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Filter strings that select exactly one group's tensors: ``model.layers.N.`` for a layer,
-    each tensor's full name otherwise."""
+    """Filter strings that select exactly one group's tensors: the layer's name prefix for a
+    layer (``model.layers.3.``, ``transformer.h.3.``), each tensor's full name otherwise."""
     out = {}
     for group, names in groups.items():
-        out[group] = [f"model.{group}."] if group.startswith("layers.") else sorted(names)
+        if group.startswith("layers."):
+            parts = names[0].split(".")  # the layout's layer prefix ends at the layer index
+            out[group] = [".".join(parts[: parts.index(group.split(".")[1]) + 1]) + "."]
+        else:
+            out[group] = sorted(names)
     return out
 
 

@@ -290,3 +290,20 @@ def test_families_of_other_layouts_are_not_merged_together(family_models):
     adapter.open(str(family_models("gpt_neox")["base"]), "neox")
     with pytest.raises(EvomergeError, match="model llama: llama layout, the models before it have the gpt_neox"):
         adapter.open(str(family_models("llama")["base"]), "llama")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "qwen2"])
+def test_exported_group_filters_select_one_group(family, family_models):
+    """Per-group values exported to mergekit: each layer's filter (a substring of names) picks
+    exactly that layer's tensors."""
+    from evomerge.mergekit_export import group_filters
+
+    adapter = get_adapter("causal_lm")
+    names = adapter.open(str(family_models(family)["base"]), "base").names()
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(adapter.group(name), []).append(name)
+    filters = group_filters(groups)
+    assert filters["layers.2"] == [EXPECTED[family][0].format(2)]
+    for group, strings in filters.items():
+        assert {n for n in names if any(f in n for f in strings)} == set(groups[group]), group
