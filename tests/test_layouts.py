@@ -307,3 +307,19 @@ def test_exported_group_filters_select_one_group(family, family_models):
     assert filters["layers.2"] == [EXPECTED[family][0].format(2)]
     for group, strings in filters.items():
         assert {n for n in names if any(f in n for f in strings)} == set(groups[group]), group
+
+
+def test_an_unlisted_family_whose_tensors_fit_is_merged_in_that_layout(family_models, tmp_path):
+    """A family missing from the table (here a Llama checkpoint relabelled) takes the layout all
+    its tensors fit: its groups are the usual ones, not one group."""
+    folder = tmp_path / "granite"
+    folder.mkdir()
+    src = family_models("llama")["base"]
+    cfg = json.loads((src / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["GraniteForCausalLM"],
+                                                    "model_type": "granite"}))
+    (folder / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    adapter = get_adapter("causal_lm")
+    names = adapter.open(str(folder), "granite").names()
+    assert adapter.layout.family == "llama"
+    assert adapter.groups(names) == ["embed", *(f"layers.{i}" for i in range(LAYERS)), "head"]
