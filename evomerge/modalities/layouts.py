@@ -23,6 +23,8 @@ from evomerge.errors import EvomergeError
 
 @dataclass(frozen=True)
 class Layout:
+    """One family's tensor names, as transformers' ``state_dict`` spells them."""
+
     family: str
     architectures: tuple[str, ...]  # config.json ``architectures`` entries of the family
     model_types: tuple[str, ...]  # config.json ``model_type``
