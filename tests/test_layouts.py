@@ -323,3 +323,27 @@ def test_an_unlisted_family_whose_tensors_fit_is_merged_in_that_layout(family_mo
     names = adapter.open(str(folder), "granite").names()
     assert adapter.layout.family == "llama"
     assert adapter.groups(names) == ["embed", *(f"layers.{i}" for i in range(LAYERS)), "head"]
+
+
+def test_a_tied_head_is_the_merged_embedding_in_trials_and_in_the_saved_model(family_models, tmp_path):
+    """GPT-2 ties its head: per-group values for the head group would be what a trial scores
+    (head and embedding share storage) but not what a loader reads, so no head is merged or written."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.pipelines.candidates import make_candidates
+
+    models = family_models("gpt2")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "modality": "causal_lm", "base": str(models["base"]), "models": [str(models["m1"]), str(models["m2"])],
+        "merge": {"method": "task_arithmetic", "granularity": "per_group", "search": {"weight": [0, 1]}}}))
+    candidates = make_candidates(load_recipe(recipe))
+    assert "lm_head.weight" not in {j.name for j in candidates.session.engine.jobs}
+    values = {name: (0.9 if "head" in name else 0.3) for name in candidates.space.names}
+    runnable = candidates.apply(values)
+    trial_logits = runnable(torch.arange(8)[None]).logits
+    out = merge_to_folder(candidates.session, tmp_path / "out", values, show_progress=False)
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(saved.lm_head.weight, saved.transformer.wte.weight)
+    assert torch.equal(saved(torch.arange(8)[None]).logits, trial_logits)

@@ -102,8 +102,10 @@ class MergeEngine:
         for name in self.reference.names():
             group = self.adapter.group(name)
             depth = self.adapter.layer_fraction(name, self.reference)
-            merge = (self.adapter.merge_role(name, self.reference) == "merge"
-                     and self.reference.dtype(name).is_floating_point)
+            role = self.adapter.merge_role(name, self.reference)
+            if role == "skip":
+                continue
+            merge = role == "merge" and self.reference.dtype(name).is_floating_point
             rows = None
             if merge:
                 ref_shape = self.reference.shape(name)

@@ -194,7 +194,8 @@ class Adapter(ABC):
         """Where the tensor sits in depth, 0..1 (for mergekit-style value gradients)."""
 
     def merge_role(self, name: str, reference: TensorSource) -> str:
-        """``merge`` (merged across sources), or ``keep`` (taken from the reference as is)."""
+        """``merge`` (merged across sources), ``keep`` (taken from the reference as is), or
+        ``skip`` (not a tensor of the output: a head tied to the embedding it shares storage with)."""
         return "merge"
 
     def is_vocab(self, name: str) -> bool:

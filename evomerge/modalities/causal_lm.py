@@ -124,6 +124,15 @@ class CausalLMAdapter(Adapter):
         n = layout.num_layers(text_config(reference.config))
         return i / (n - 1) if n > 1 else 1.0
 
+    def merge_role(self, name: str, reference: TensorSource) -> str:
+        """A reference that ties its head writes none: the head is the merged embedding (a head
+        merged apart would be what a trial scores, through the shared storage, but not what a
+        loader of the saved model reads)."""
+        layout = self.layout_of(name)
+        if layout.ties(text_config(reference.config)) and any(name == head for head, _ in layout.tied):
+            return "skip"
+        return "merge"
+
     def is_vocab(self, name: str) -> bool:
         return name in self.layout_of(name).vocab
 

@@ -66,7 +66,7 @@ class VLMAdapter(CausalLMAdapter):
         return "vision" if name.startswith(VISION_PREFIXES) else super().group(name)
 
     def merge_role(self, name: str, reference: TensorSource) -> str:
-        return "keep" if name.startswith(VISION_PREFIXES) else "merge"
+        return "keep" if name.startswith(VISION_PREFIXES) else super().merge_role(name, reference)
 
     def default_reference(self, candidates: Sequence[D]) -> D:
         """The first LLaVA model (the output is a VLM)."""
