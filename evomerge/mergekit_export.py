@@ -159,11 +159,14 @@ def export_recipe(recipe: Recipe) -> dict:
 def recipe_groups(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, list[str]]:
     """Group -> tensor names of the recipe's reference model (for per-group values)."""
     from evomerge.modalities import get_adapter
+    from evomerge.modalities.base import reference_config
     from evomerge.recipe import ModelSpec
     from evomerge.sources import open_model
 
     adapter = get_adapter(recipe.modality, grouping=recipe.grouping)
-    spec = ModelSpec(model=recipe.base, name="base") if recipe.base else recipe.models[0]
+    label = reference_config(adapter, recipe).label  # the reference merge takes
+    specs = ([ModelSpec(model=recipe.base, name="base")] if recipe.base else []) + list(recipe.models)
+    spec = next(s for s in specs if s.label == label)
     source = open_model(adapter, spec, spec.label, allow_pickle=allow_pickle)
     groups: dict[str, list[str]] = {}
     for name in source.names():

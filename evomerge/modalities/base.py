@@ -21,8 +21,9 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -37,6 +38,9 @@ from evomerge.checkpoint import (
 from evomerge.errors import EvomergeError, describe
 from evomerge.hub import not_cached, use_cache_if_offline
 from evomerge.strict_io import read_json
+
+if TYPE_CHECKING:
+    from evomerge.recipe import Recipe
 
 # Files worth fetching from the Hub for a model folder (weights come as safetensors).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
@@ -76,6 +80,41 @@ def resolve_folder(ref: str, *, subfolder: str | None = None, allow_pickle: bool
 
     root = local_or_hub(ref, download)
     return root / subfolder if subfolder and (root / subfolder).is_dir() else root
+
+
+def config_folder(ref: str, subfolder: str | None) -> Path:
+    """A folder holding config.json for a local path or Hub id (fetches config.json only)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path / subfolder if subfolder and (path / subfolder).is_dir() else path
+    reason = use_cache_if_offline()
+    try:
+        from huggingface_hub import hf_hub_download
+
+        name = f"{subfolder}/config.json" if subfolder else "config.json"
+        return Path(hf_hub_download(ref, name)).parent
+    except Exception as e:
+        if reason:
+            raise not_cached(f"model {ref!r}", reason) from None
+        raise EvomergeError(f"model {ref!r}: cannot read its config ({describe(e)})") from None
+
+
+@dataclass
+class ConfigOnly:
+    """A recipe's model before it is opened: its label, and its config.json fetched on first
+    use (a VLM recipe reads configs until it finds the LLaVA model)."""
+
+    label: str
+    ref: str
+    subfolder: str | None
+
+    @cached_property
+    def folder(self) -> Path:
+        return config_folder(self.ref, self.subfolder)
+
+    @cached_property
+    def config(self) -> dict:
+        return read_json(self.folder / "config.json", "config.json")
 
 
 @dataclass
@@ -249,3 +288,12 @@ def pick_reference(adapter: Adapter, wanted: str | None, candidates: Sequence[D]
                 return c
         raise EvomergeError(f"reference: no model labelled {wanted!r} (labels: {[c.label for c in candidates]})")
     return adapter.default_reference(candidates)
+
+
+def reference_config(adapter: Adapter, recipe: Recipe) -> ConfigOnly:
+    """Which of a recipe's models is the reference, from configs alone (nothing else fetched):
+    what plan, a DFS plan and a recipe export use where merge has the models open."""
+    sub = adapter.config_subfolder
+    candidates = ([ConfigOnly("base", recipe.base, sub)] if recipe.base else []) + [
+        ConfigOnly(m.label, m.model, sub) for m in recipe.models]
+    return pick_reference(adapter, recipe.reference, candidates)

@@ -15,10 +15,9 @@ from evomerge.dtypes import default_dtype
 from evomerge.errors import EvomergeError
 from evomerge.merging.dfs import DFSSpace
 from evomerge.modalities import get_adapter
-from evomerge.modalities.base import TensorSource
+from evomerge.modalities.base import TensorSource, config_folder, reference_config
 from evomerge.modalities.dfs_path import check_same_family, decoder_of
 from evomerge.pipelines.evolve import default_popsize
-from evomerge.pipelines.plan import config_folder, plan_reference
 from evomerge.recipe import DFSSpec, PSRef, Recipe, load_recipe
 
 
@@ -73,7 +72,7 @@ def ref_config_folder(ref: str | PSRef) -> Path:
     ps = ps or load_recipe(run / "recipe.yaml")
     if ps.dfs is not None or not ps.models:
         raise EvomergeError("dfs: a PS reference must name a parameter-space recipe or run")
-    return plan_reference(ps, get_adapter(ps.modality)).folder
+    return reference_config(get_adapter(ps.modality), ps).folder
 
 
 def dfs_value_grid(params: dict[str, float], recipe: Recipe) -> tuple[list[str], list[str], list[list[float]]]:

@@ -25,7 +25,7 @@ def detect_modality(ref: str) -> str:
         return "sdxl"
     path = Path(ref).expanduser()
     if not path.exists():
-        from evomerge.pipelines.plan import config_folder
+        from evomerge.modalities.base import config_folder
 
         try:
             from huggingface_hub import hf_hub_download

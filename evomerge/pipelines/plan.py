@@ -9,22 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from evomerge.dtypes import default_dtype
-from evomerge.errors import EvomergeError, describe
-from evomerge.hub import not_cached, use_cache_if_offline
 from evomerge.merging.registry import get_method
 from evomerge.merging.space import SearchSpace
 from evomerge.modalities import get_adapter
-from evomerge.modalities.base import Adapter, TensorSource, pick_reference
+from evomerge.modalities.base import Adapter, TensorSource, reference_config
 from evomerge.pipelines.evolve import default_popsize
 from evomerge.recipe import Recipe
-from evomerge.strict_io import read_json
 
 if TYPE_CHECKING:
     from evomerge.pipelines.dfs_plan import DFSPlan
@@ -52,48 +47,10 @@ class Plan:
         return asdict(self)
 
 
-def config_folder(ref: str, subfolder: str | None) -> Path:
-    """A folder holding config.json for a local path or Hub id (fetches config.json only)."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path / subfolder if subfolder and (path / subfolder).is_dir() else path
-    reason = use_cache_if_offline()
-    try:
-        from huggingface_hub import hf_hub_download
-
-        name = f"{subfolder}/config.json" if subfolder else "config.json"
-        return Path(hf_hub_download(ref, name)).parent
-    except Exception as e:
-        if reason:
-            raise not_cached(f"model {ref!r}", reason) from None
-        raise EvomergeError(f"model {ref!r}: cannot read its config ({describe(e)})") from None
-
-
-@dataclass
-class ConfigOnly:
-    """A recipe's model as plan sees it: its label, and its config.json fetched on first use (a
-    VLM recipe reads configs until it finds the LLaVA model)."""
-
-    label: str
-    ref: str
-    subfolder: str | None
-
-    @cached_property
-    def folder(self) -> Path:
-        return config_folder(self.ref, self.subfolder)
-
-    @cached_property
-    def config(self) -> dict:
-        return read_json(self.folder / "config.json", "config.json")
-
-
 def plan_reference(recipe: Recipe, adapter: Adapter) -> TensorSource:
     """The reference a merge of ``recipe`` would take (the same choice), as far as configs tell:
     its config, and its tensors' headers when its weights are on disk (for the default dtype)."""
-    sub = adapter.config_subfolder
-    candidates = ([ConfigOnly("base", recipe.base, sub)] if recipe.base else []) + [
-        ConfigOnly(m.label, m.model, sub) for m in recipe.models]
-    ref = pick_reference(adapter, recipe.reference, candidates)
+    ref = reference_config(adapter, recipe)
     return TensorSource.from_headers(ref.label, ref.folder, adapter.weights_stem, ref.config)
 
 
