@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from evomerge.checkpoint import index_safetensors, load_pickle_state_dict, read_tensor
 from evomerge.errors import EvomergeError, describe
-from evomerge.modalities.base import HUB_PATTERNS, TensorSource, local_or_hub
+from evomerge.modalities.base import HUB_PATTERNS, Adapter, TensorSource, local_or_hub
+
+if TYPE_CHECKING:
+    from evomerge.recipe import ModelSpec
 
 
 def fetch(ref: str, revision: str | None, *, allow_pickle: bool = False) -> str:
@@ -34,7 +38,7 @@ def fetch(ref: str, revision: str | None, *, allow_pickle: bool = False) -> str:
     return str(local_or_hub(ref, download))
 
 
-def open_model(adapter, spec, label: str, *, allow_pickle: bool = False) -> TensorSource:
+def open_model(adapter: Adapter, spec: ModelSpec, label: str, *, allow_pickle: bool = False) -> TensorSource:
     """Open a recipe's model (``ModelSpec``): its revision, then its LoRA folded in."""
     source = adapter.open(fetch(spec.model, spec.revision, allow_pickle=allow_pickle), label,
                           allow_pickle=allow_pickle)

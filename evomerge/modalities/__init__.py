@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from evomerge.errors import EvomergeError
+
+if TYPE_CHECKING:
+    from evomerge.modalities.base import Adapter
+    from evomerge.recipe import SDXLSpec
 
 
 def get_adapter(modality: str, *, grouping: str = "blocks", trust_remote_code: bool = False,
-                sdxl: object = None):
+                sdxl: SDXLSpec | None = None) -> Adapter:
     if modality == "causal_lm":
         from evomerge.modalities.causal_lm import CausalLMAdapter
 
