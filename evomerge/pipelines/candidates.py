@@ -1,28 +1,52 @@
 """What a trial turns values into: a runnable model to score, and later a folder to keep.
 
-The evolve loop only knows this small interface, so parameter-space merges and data-flow
-(layer path) merges plug into the same study:
-
-- ``space``: the searched values (``names``, ``bounds(name)``);
-- ``runnable()``: the model evaluators score, built once;
-- ``apply(values)``: make the runnable that candidate, in memory (raises FloatingPointError
-  when the candidate's weights hold NaN/inf);
-- ``apply_baseline(spec)``: make it a baseline (a source, a fixed merge);
-- ``export(values, out_dir)``: write the candidate as a stock model folder with its card;
-- ``tokenizer_source`` and ``evaluator_settings``: what the evaluator is built with (the folder
-  whose tokenizer it may load; the modality's data for it, e.g. SDXL sampling settings).
+The evolve loop only knows :class:`Candidates`, so parameter-space merges and data-flow (layer
+path) merges plug into the same study.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from evomerge.pipelines.baselines import baseline_tensors
 from evomerge.pipelines.merge import MergeSession, merge_to_folder, open_session
 from evomerge.recipe import Recipe
+
+
+class Space(Protocol):
+    """The searched values: their names (the flat vector's order) and each one's bounds."""
+
+    @property
+    def names(self) -> Sequence[str]: ...
+
+    def bounds(self, name: str) -> tuple[float, float]: ...
+
+    def __len__(self) -> int: ...
+
+
+class Candidates(Protocol):
+    """What the evolve loop asks of a kind of merge."""
+
+    space: Space
+    tokenizer_source: Path  # the folder whose tokenizer an evaluator may load
+    evaluator_settings: dict[str, Any]  # the modality's data for its evaluator (SDXL: sampling)
+
+    def runnable(self) -> Any:
+        """The model evaluators score, built once."""
+
+    def apply(self, values: dict[str, float]) -> Any:
+        """The runnable made that candidate, in memory (FloatingPointError on NaN/inf weights)."""
+
+    def apply_baseline(self, spec: dict) -> Any:
+        """The runnable made a baseline (a source, a fixed merge)."""
+
+    def export(self, values: dict[str, float], out_dir: Path, *, extra_card: str = "",
+               show_progress: bool = True) -> Path:
+        """The candidate written as a stock model folder with its card."""
 
 
 def all_finite(params: dict[str, torch.Tensor]) -> bool:
@@ -69,7 +93,7 @@ class ParameterSpaceCandidates:
 
 
 def make_candidates(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
-                    trust_remote_code: bool = False, console: Any = None):
+                    trust_remote_code: bool = False, console: Any = None) -> Candidates:
     """The candidates a recipe describes: layer paths for a ``dfs:`` recipe (which may first evolve
     the PS study it chains), parameter-space merges otherwise."""
     if recipe.dfs is not None:

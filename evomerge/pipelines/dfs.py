@@ -64,8 +64,8 @@ def resolve_model(ref: str | PSRef, *, device: str = "cpu", allow_pickle: bool =
 
 
 class DFSCandidates:
-    """Candidates are layer paths through A's and B's resident layers (same interface as
-    :class:`evomerge.pipelines.candidates.ParameterSpaceCandidates`)."""
+    """Candidates (:class:`evomerge.pipelines.candidates.Candidates`) are layer paths through A's
+    and B's resident layers."""
 
     def __init__(self, recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False,
                  trust_remote_code: bool = False, console: Any = None):
@@ -92,6 +92,7 @@ class DFSCandidates:
                               spec.repeats, spec.scales, spec.scale_bounds, spec.indicator_margin)
         self.paths = PathModel(model_a, model_b, self.space, fold=spec.fold)
         self.tokenizer_source: Path = self.folder_a
+        self.evaluator_settings: dict[str, Any] = {}
         self.paths.set_path(self.space.path(list(range(self.space.n_a))))
 
     def runnable(self) -> nn.Module:
