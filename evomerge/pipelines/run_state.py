@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +22,13 @@ from typing import Any
 
 import yaml
 
+from evomerge.atomic import write_json_atomic, write_text_atomic
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
 
 RUNS = Path("runs")
 RUN_TOKEN = "{run}"  # stands for the run folder inside run.json's storage URL
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:
-    """Write JSON so a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False, default=float))
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -182,10 +175,8 @@ def claim_run_dir(paths: RunPaths, recipe_path: Path, text: str, settings: RunSe
         if recipe_hash(old) != recipe_hash(text) and started:
             raise EvomergeError(f"{paths.root} holds a run of a different recipe; pass --run-dir for a new run")
         if recipe_data(old) != recipe_data(text):
-            paths.recipe.write_text(text)
+            write_text_atomic(paths.recipe, text)
     elif not paths.recipe.exists():
-        tmp = paths.recipe.with_name(f".recipe.yaml.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, paths.recipe)
+        write_text_atomic(paths.recipe, text)
     if paths.recorded() != settings.as_json():
         write_json_atomic(paths.info, settings.as_json())

@@ -83,8 +83,8 @@ def check_storage(url: str | None, flag: str = "--storage", *, run_dir: Path | N
     try:
         dialect.import_dbapi()
     except ImportError:
-        hint = "pip install 'evomerge[postgres]'" if dialect.name == "postgresql" else \
-            f"install the {dialect.driver} driver"
+        hint = "pip install 'evomerge[postgres]' (psycopg 3: postgresql:// or postgresql+psycopg://)" \
+            if dialect.name == "postgresql" else f"install the {dialect.driver} driver"
         raise EvomergeError(f"{flag} {url}: the {dialect.name} driver ({dialect.driver}) is not installed; "
                             f"{hint}") from None
 
@@ -231,11 +231,13 @@ def _boot_id() -> str:
 
 
 def _process_start(pid: int) -> str:
-    """The process's start time in clock ticks (Linux): a reused pid has another."""
+    """The process's start time in clock ticks (Linux): a reused pid has another. A zombie (killed,
+    not yet reaped by its parent) is dead: "zombie"."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return ""
+    return "zombie" if fields[0] in ("Z", "X") else fields[19]
 
 
 def me() -> dict:
@@ -259,7 +261,8 @@ def owner_alive(owner: dict | None, lease: float | None) -> bool:
             return False
         except PermissionError:
             pass  # someone else's live process
-        return not owner.get("start") or _process_start(pid) in ("", owner["start"])
+        start = _process_start(pid)
+        return start != "zombie" and (not owner.get("start") or start in ("", owner["start"]))
     return isinstance(lease, (int, float)) and time.time() < lease
 
 
