@@ -249,8 +249,10 @@ def test_evolve_generates_scores_and_exports(tmp_path: Path, world: dict[str, Pa
     pipe = evo.candidates.runnable()
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert pipe.scheduler.config.timestep_spacing == "trailing"
-    assert pipe.evomerge_sampling == {"num_inference_steps": 4, "guidance_scale": 0.0,
-                                      "height": SEARCH, "width": SEARCH}
+    assert not hasattr(pipe, "evomerge_sampling")  # the sampling settings travel as data
+    assert evo.candidates.evaluator_settings["sampling"] == {"num_inference_steps": 4, "guidance_scale": 0.0,
+                                                             "height": SEARCH, "width": SEARCH}
+    assert evo.evaluator.recipe_sampling == evo.candidates.evaluator_settings
     outcome = evo.run(export_best=True, show_progress=False)
     assert outcome.best_value is not None and len(outcome.timings) == 4
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "run" / "trials").glob("*.json"))]
@@ -310,7 +312,7 @@ def test_full_resolution_and_reference_term(tmp_path: Path, world: dict[str, Pat
         im.save(refs / f"{i}.png")
     spec = {"kind": "clip_score", "prompts": PROMPTS[:2], "model_config": str(world["clip"]), "resolution": "full",
             "references": [{"images": str(refs), "weight": 0.5}], "grid_dir": str(tmp_path / "grids")}
-    result = load_evaluator(spec)(pipe)
+    result = load_evaluator(spec, settings=candidates.evaluator_settings)(pipe)
     m = result.metrics
     assert m["score"] == pytest.approx(m["clip_score"] + 0.5 * m["reference_0"])
     assert result.score == m["score"]

@@ -22,7 +22,8 @@ Your own scoring function is one line of YAML away::
 
 New kinds register a factory ``(spec, tokenizer_source) -> Evaluator`` in :data:`EVALUATORS`,
 either directly or as a lazy ``"module:attribute"`` string so that heavy imports happen only
-when the kind is used.
+when the kind is used. A modality with settings for its evaluator (SDXL: how to sample the
+pipeline) hands them over as data: the factory is then also called with ``settings=`` (a dict).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def import_object(ref: str, *, what: str) -> Any:
     return obj
 
 
-def load_evaluator(spec: dict, *, tokenizer_source: str | Path | None = None) -> Evaluator:
+def load_evaluator(spec: dict, *, tokenizer_source: str | Path | None = None,
+                   settings: dict[str, Any] | None = None) -> Evaluator:
     """Build the evaluator a recipe's ``evaluator:`` block describes.
 
     Args:
@@ -142,6 +144,8 @@ def load_evaluator(spec: dict, *, tokenizer_source: str | Path | None = None) ->
             that kind's own options.
         tokenizer_source: a folder or Hub id to load a tokenizer from, for kinds that generate
             text (usually the merge's base or first source model).
+        settings: the modality's data for its evaluator (the adapter's ``evaluator_settings()``,
+            e.g. SDXL's ``sampling`` and ``final_sampling``); passed on only when there are some.
     """
     if not isinstance(spec, dict):
         raise EvomergeError(f"evaluator: expected a mapping with 'kind', got {type(spec).__name__}")
@@ -153,7 +157,10 @@ def load_evaluator(spec: dict, *, tokenizer_source: str | Path | None = None) ->
         raise EvomergeError(f"evaluator kind {kind!r} is unknown (one of: {', '.join(sorted(EVALUATORS))})")
     if isinstance(factory, str):
         factory = import_object(factory, what=f"evaluator kind {kind!r}")
-    evaluator = factory(spec, tokenizer_source)
+    if settings:
+        evaluator = factory(spec, tokenizer_source, settings=dict(settings))
+    else:
+        evaluator = factory(spec, tokenizer_source)
     if not isinstance(evaluator, BaseEvaluator):
         raise EvomergeError(f"evaluator kind {kind!r}: {type(evaluator).__name__} must subclass "
                             "evomerge.evaluators.base.BaseEvaluator")
@@ -191,10 +198,11 @@ class PythonEvaluator(BaseEvaluator):
     """Your own scoring function, named ``"module:function"`` in the spec.
 
     The function is called as ``fn(model, **options)``; if it accepts a ``tokenizer_source``
-    keyword it receives that too. NaN scores are rejected, since the search cannot rank them.
+    or a ``settings`` keyword (the modality's evaluator settings) it receives that too. NaN scores are rejected, since the search cannot rank them.
     """
 
-    def __init__(self, spec: dict, tokenizer_source: str | Path | None = None):
+    def __init__(self, spec: dict, tokenizer_source: str | Path | None = None, *,
+                 settings: dict[str, Any] | None = None):
         ref = spec.get("callable")
         if not ref or not isinstance(ref, str):
             raise EvomergeError("evaluator kind 'python': missing 'callable' (e.g. 'my_pkg.scoring:score')")
@@ -213,6 +221,8 @@ class PythonEvaluator(BaseEvaluator):
             params = {}
         if tokenizer_source is not None and "tokenizer_source" in params:
             self.options.setdefault("tokenizer_source", tokenizer_source)
+        if settings and "settings" in params:
+            self.options.setdefault("settings", settings)
         self.ref = ref
         self.name = spec.get("name") or ref
 

@@ -13,8 +13,8 @@ The pure functions work on their own, e.g. to score saved images (``evomerge sco
     print(sum(scores) / len(scores))
 
 :class:`ClipScoreEvaluator` generates one image per prompt with the runnable SDXL pipeline (the
-recipe's scheduler, steps, guidance and search resolution, attached by the SDXL adapter as
-``pipe.evomerge_sampling``), a fixed seed per prompt (a ``torch.Generator`` each, so an image does
+recipe's scheduler; steps, guidance and search resolution as the SDXL adapter's settings, handed
+to the evaluator as data), a fixed seed per prompt (a ``torch.Generator`` each, so an image does
 not depend on batching and trials are comparable), batched prompts; scores it, optionally adds
 weighted extra terms (similarity to reference images), and saves an image grid.
 """
@@ -210,8 +210,7 @@ def generate_images(pipe: Any, prompts: list[str], *, seed: int = 0, batch_size:
     """One image per prompt; prompt ``i`` always uses seed ``seed + i`` (its own CPU generator),
     so the same weights give the same image whatever the batching. ``numbers`` give the
     prompts' places in a longer list (a subset keeps the seeds of the whole)."""
-    kwargs = dict(getattr(pipe, "evomerge_sampling", {}) or {})
-    kwargs.update(sampling or {})
+    kwargs = dict(sampling or {})
     numbers = list(range(len(prompts))) if numbers is None else numbers
     images: list[Any] = []
     for start in range(0, len(prompts), batch_size):
@@ -247,8 +246,12 @@ class ClipScoreEvaluator(ScoresItems):
 
     name = "clip_score"
 
-    def __init__(self, spec: dict, tokenizer_source: str | Path | None = None):
+    def __init__(self, spec: dict, tokenizer_source: str | Path | None = None, *,
+                 settings: dict[str, Any] | None = None):
+        """``settings``: the SDXL adapter's pipeline(...) arguments, ``sampling`` (search size)
+        and ``final_sampling`` (full size), which the spec's own keys override."""
         self.spec = dict(spec)
+        self.recipe_sampling = {k: dict((settings or {}).get(k) or {}) for k in ("sampling", "final_sampling")}
         self.prompts = read_prompts(spec.get("prompts") or [])
         if spec.get("limit"):
             self.prompts = self.prompts[: int(spec["limit"])]
@@ -316,8 +319,8 @@ class ClipScoreEvaluator(ScoresItems):
         if not hasattr(runnable, "unet") or not callable(runnable):
             raise EvomergeError("evaluator clip_score: needs an SDXL pipeline to sample from; set sdxl.pipeline "
                                 "in the recipe (what completes the UNet)")
-        sampling = dict(getattr(runnable, "evomerge_final_sampling", {}) or {}) if self.full_resolution else {}
-        sampling.update(self.sampling)
+        sampling = {**self.recipe_sampling["final_sampling" if self.full_resolution else "sampling"],
+                    **self.sampling}
         images = generate_images(runnable, prompts, seed=self.seed, batch_size=self.batch_size,
                                  sampling=sampling, numbers=indices)
         device = str(getattr(runnable, "device", "cpu"))

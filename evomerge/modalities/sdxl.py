@@ -295,8 +295,6 @@ class SDXLAdapter(Adapter):
         if torch.device(device).type != "cpu":
             pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        pipe.evomerge_sampling = self.sampling(search=True)
-        pipe.evomerge_final_sampling = self.sampling(search=False)
         return pipe
 
     def parameters(self, runnable: Any) -> dict[str, torch.Tensor]:

@@ -142,7 +142,8 @@ class Evolution:
             console=self.console)
         if not self.candidates.space.names:
             raise EvomergeError(f"{recipe_path}: field merge.search: empty; name the values to search, e.g. weight: [0, 1]")
-        self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.candidates.tokenizer_source)
+        self.evaluator = load_evaluator(self.recipe.evaluator, tokenizer_source=self.candidates.tokenizer_source,
+                                        settings=self.candidates.evaluator_settings)
         self.fitness = Fitness.for_recipe(self.evaluator, self.recipe.search.fitness, seed=self.recipe.seed)
         claim_run_dir(self.paths, recipe_path, text, self.settings, started=started)
         self.evaluator.set_run_dir(self.paths.root)  # evaluators that write files (image grids)
