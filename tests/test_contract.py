@@ -72,3 +72,20 @@ def test_pipelines_call_the_contract_without_probing():
         text = path.read_text()
         assert not re.search(r"(get|has)attr\([^)]*adapter", text), path
         assert not re.search(r"modality\s*[!=]=", text), path
+
+
+def test_the_modality_settings_reach_the_evaluator_as_data(tmp_path, monkeypatch):
+    """A modality's evaluator settings (SDXL: sampling) are handed to the evaluator when it is
+    built: a python scorer that takes ``settings`` receives them; one that does not is unaffected."""
+    from evomerge.evaluators.base import load_evaluator
+
+    (tmp_path / "scorer_with_settings.py").write_text(
+        "def score(model, settings=None):\n    return float(settings['sampling']['num_inference_steps'])\n"
+        "def plain(model):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = get_adapter("sdxl").evaluator_settings()
+    assert set(settings) == {"sampling", "final_sampling"}
+    ev = load_evaluator({"kind": "python", "callable": "scorer_with_settings:score"}, settings=settings)
+    assert ev(None).score == settings["sampling"]["num_inference_steps"]
+    assert load_evaluator({"kind": "python", "callable": "scorer_with_settings:plain"}, settings=settings)(None).score == 1.0
+    assert get_adapter("causal_lm").evaluator_settings() == {}
