@@ -35,9 +35,9 @@ def template_path() -> Path:
     return path
 
 
-# --fitness fast: each trial scores 200 of the 1000 search problems; at the end the 8 best trials
+# --fitness fast: each trial scores 250 of the 1000 search problems; at the end the 8 best trials
 # by that estimate are scored on the rest, raced against each other (evomerge.pipelines.fitness)
-FITNESS = {"full": None, "fast": {"mode": "estimated", "anchors": 200, "rescore": 8}}
+FITNESS = {"full": None, "fast": {"mode": "estimated", "anchors": 250, "rescore": 8}}
 
 
 def concrete_recipe(world: Path, seed: int, template: Path | None = None, fitness: str = "full") -> str:
