@@ -77,7 +77,7 @@ class TrialLog:
             self._bar.update(self._task, completed=done, best=best_s, merge=f"{timing.merge_s:.2f}",
                              eval=f"{timing.eval_s:.2f}", eta=self.eta(done))
             if note:
-                self._bar.console.print(note)
+                self._bar.console.print(note, soft_wrap=True, markup=False, highlight=False)
         elif self.enabled:
             score = "failed" if timing.score is None else f"{timing.score:.4f}"
             self.line(f"trial {timing.number}: {score}{f' ({note})' if note else ''}  best {best_s}  "
@@ -86,7 +86,7 @@ class TrialLog:
 
     def note(self, text: str) -> None:
         if self._bar is not None:
-            self._bar.console.print(text)
+            self._bar.console.print(text, soft_wrap=True, markup=False, highlight=False)
         elif self.enabled:
             self.line(text)
 

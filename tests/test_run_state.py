@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,7 @@ def test_two_recipes_with_one_name_are_two_studies(llama_fp32, tmp_path):
     ("storage", ["--storage"]),
     ("name", ["name '../escape'", "--run-dir"]),
     ("model", ["missing-model"]),
+    ("devices", ["cuda:0", "no such CUDA GPU"]),
 ])
 def test_validation_failures_leave_no_run_folder(llama_fp32, tmp_path, evomerge_cli, case, words):
     recipe = recipe_for(tmp_path / "r.yaml", llama_fp32)
@@ -128,6 +130,10 @@ def test_validation_failures_leave_no_run_folder(llama_fp32, tmp_path, evomerge_
         data["name"] = "../escape"
     elif case == "model":
         data["models"][0]["model"] = str(tmp_path / "missing-model")
+    elif case == "devices":
+        if __import__("torch").cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        args = ["--devices", "cuda:0,cuda:1"]
     recipe.write_text(yaml.safe_dump(data))
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -245,3 +251,42 @@ def test_non_tty_output_logs_one_flushed_line_per_trial(llama_fp32, tmp_path):
     trial_lines = [line for line in lines if line.startswith("trial ")]
     assert len(trial_lines) == 3 and all("ETA" in line and "/3 done" in line for line in trial_lines)
     assert "p90" in out and "share" in out  # the timing summary
+
+
+def test_ctrl_c_retires_the_trial_and_prints_the_resume_command(llama_fp32, tmp_path):
+    recipe = recipe_for(tmp_path / "r.yaml", llama_fp32, trials=4, evaluator={**PY_EVAL, "options": {"sleep": 1.5}})
+    run = tmp_path / "run"
+    args = ["evolve", str(recipe), "--run-dir", str(run), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().startswith("trial 0:")  # mid-way through trial 1 now
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"Resume with: evomerge {' '.join(args)}" in err
+    study = optuna.load_study(study_name=json.loads((run / "run.json").read_text())["study"],
+                              storage=f"sqlite:///{run / 'study.db'}")
+    states = [(t.state, t.user_attrs.get("reason")) for t in study.get_trials()]
+    assert states == [(TrialState.COMPLETE, None), (TrialState.FAIL, INTERRUPTED)]  # nothing left running
+    again = subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 4
+
+
+def test_baselines_and_trials_fail_alone_naming_themselves(llama_fp32, tmp_path, evomerge_cli):
+    evaluator = {"kind": "python", "callable": "scoring:fails_after", "options": {"calls": 1, "counter": str(tmp_path / "n")}}
+    recipe = recipe_for(tmp_path / "r.yaml", llama_fp32, trials=2, evaluator=evaluator,
+                        baselines=[{"name": "first", "source": "m1"}, {"name": "second", "source": "m2"}])
+    data = yaml.safe_load(recipe.read_text())
+    data["search"]["max_consecutive_failures"] = 0  # never stop
+    recipe.write_text(yaml.safe_dump(data))
+    code, out, err = evomerge_cli("evolve", recipe, "--run-dir", tmp_path / "run", "--device", "cpu")
+    assert code == 0 and "Traceback" not in out + err, err
+    lines = out.splitlines()
+    assert any(line.startswith("baseline second: RuntimeError: CUDA out of memory") and line.endswith("(skipped)")
+               for line in lines), out
+    assert [line.split(" (")[0] for line in lines if line.startswith("trial ")] == ["trial 0: failed", "trial 1: failed"]
+    assert "best score none" in out
+    assert set(json.loads((tmp_path / "run" / "baselines.json").read_text())) == {"first"}

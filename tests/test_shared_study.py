@@ -123,7 +123,7 @@ def check_bar(result: dict, trials: int = 45) -> None:
     codes, logs = result["codes"], result["logs"]
     assert codes[1] == -signal.SIGKILL
     assert {i: c for i, c in codes.items() if i != 1} == {0: 0, 2: 0, 3: 0}, logs
-    for i, text in logs.items():
+    for text in logs.values():
         assert "Traceback" not in text, text[-3000:]
     states = [t.state for t in result["trials"]]
     assert states.count(TrialState.COMPLETE) == trials

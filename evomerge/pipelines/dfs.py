@@ -52,7 +52,9 @@ def resolve_model(ref: str | PSRef, *, device: str = "cpu", allow_pickle: bool =
         return merge_to_folder(session, best, best_values(run), force=True, show_progress=False,
                                extra_card=f"## Evolution\n\nBest values of the PS run `{run}`.")
     ps_recipe = load_recipe(ref.ps_recipe)
-    run = Path(ref.run_dir) if ref.run_dir else Path("runs") / ps_recipe.name
+    from evomerge.pipelines.run_state import run_folder
+
+    run = run_folder(ps_recipe, ref.run_dir)  # a recipe's name is a name, not a path
     if (run / "best" / "config.json").exists():
         return run / "best"
     if ps_recipe.dfs is not None:

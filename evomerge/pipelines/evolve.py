@@ -22,13 +22,11 @@ unless ``search.max_consecutive_failures`` trials in a row fail the same way.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
@@ -43,6 +41,8 @@ from evomerge.pipelines.fitness import Fitness, Scored
 from evomerge.pipelines.run_state import (
     RunPaths,
     claim_run_dir,
+    failure_kind,
+    json_safe,
     read_json,
     run_folder,
     settle,
@@ -50,6 +50,7 @@ from evomerge.pipelines.run_state import (
 )
 from evomerge.pipelines.study import (
     INTERRUPTED,
+    Backoff,
     SharedStudy,
     check_storage,
     counted,
@@ -57,7 +58,6 @@ from evomerge.pipelines.study import (
     distributions,
     make_sampler,
     open_study,
-    polling,
 )
 from evomerge.progress import TrialLog, timing_summary
 from evomerge.recipe import load_recipe
@@ -88,29 +88,6 @@ class EvolveOutcome:
     best_values: dict[str, float]
     timings: list[TrialTiming] = field(default_factory=list)
     baselines: dict[str, dict] = field(default_factory=dict)
-
-
-def json_safe(value: Any) -> Any:
-    """What an evaluator returned, as JSON can hold it: tensors and arrays as lists or numbers,
-    anything else unknown as its text (a record must never stop a run, nor a resume)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    for convert in ("tolist", "item"):
-        if callable(getattr(value, convert, None)):
-            try:
-                return json_safe(getattr(value, convert)())
-            except Exception:  # noqa: BLE001 - fall back to text below
-                break
-    return str(value)[:1000]
-
-
-def failure_kind(error: str) -> str:
-    """Failures of one kind differ only in numbers (CUDA out of memory, tried to allocate N)."""
-    return re.sub(r"\d+(\.\d+)?", "#", error)
 
 
 class Evolution:
@@ -151,6 +128,10 @@ class Evolution:
         self.storage = self.paths.expand(self.settings.storage)
         self.started_at = time.time()
         self._shared: SharedStudy | None = None
+
+    def say(self, text: str) -> None:
+        """One log line, never wrapped or read as markup (errors quote code and paths)."""
+        self.console.print(text, soft_wrap=True, markup=False, highlight=False)
 
     # -- the study -----------------------------------------------------------------------------
 
@@ -238,8 +219,8 @@ class Evolution:
             except Exception as e:
                 shared.finish(key, failed=describe(e))
                 status = "failed"
-            except BaseException:
-                shared.finish(key, failed="interrupted")
+            except BaseException:  # Ctrl-C: another worker (or the rerun) does it
+                shared.finish(key, release=True)
                 raise
             else:
                 shared.finish(key, result=result)
@@ -250,7 +231,7 @@ class Evolution:
             message = f"{what}: {rec.get('failed', 'failed')}"
             if fatal:
                 raise EvomergeError(f"preflight: {message}; nothing was searched (fix it and rerun)")
-            self.console.print(f"{message} (skipped)")
+            self.say(f"{message} (skipped)")
             return None
         return rec.get("result")
 
@@ -260,7 +241,7 @@ class Evolution:
         grids = self.evaluator.grid_dir  # image grids: the report shows each baseline's
         if grids is not None and (grids / "latest.png").exists():
             shutil.copyfile(grids / "latest.png", grids / f"baseline-{spec['name']}.png")
-        self.console.print(f"baseline [bold]{spec['name']}[/]: {result.score:.4f}")
+        self.say(f"baseline {spec['name']}: {result.score:.4f}")
         # per-item scores order the items for racing and estimated fitness
         return json_safe({"score": result.score, "metrics": result.metrics, "values": result.values})
 
@@ -300,7 +281,8 @@ class Evolution:
         streak: list[str] = []
         limit = self.recipe.search.max_consecutive_failures
         done = sum(counted(t) for t in shared.trials())
-        with TrialLog(total, done, self.console, enabled=show_progress) as log, polling() as wait:
+        wait = Backoff()
+        with TrialLog(total, done, self.console, enabled=show_progress) as log:
             while True:
                 claim = shared.claim(total)
                 if claim.retired:
@@ -312,6 +294,7 @@ class Evolution:
                     log.waiting(claim.why)
                     wait()
                     continue
+                wait.reset()
                 if self.fitness.mode == "racing":
                     self._recover_incumbent(shared.study)  # other workers may have a better one
                 timing = self.run_trial(shared, claim.trial)
@@ -336,7 +319,7 @@ class Evolution:
         if export_best and outcome.best_values:
             out = self.candidates.export(outcome.best_values, self.paths.root / "best",
                                          extra_card=self._card_note(shared.study), show_progress=show_progress)
-            self.console.print(f"best model written to {out}")
+            self.say(f"best model written to {out}")
         return outcome
 
     def _refresh_baselines(self, done: dict[str, dict]) -> dict[str, dict]:
@@ -397,7 +380,7 @@ class Evolution:
         with torch.no_grad():
             return self.fitness.finalize(
                 self.paths.root, top,
-                lambda number: self.candidates.apply(study.trials[number].params), log=self.console.print)
+                lambda number: self.candidates.apply(study.trials[number].params), log=self.say)
 
     def _card_note(self, study: optuna.Study) -> str:
         best = read_json(self.paths.best, "best.json")

@@ -180,3 +180,26 @@ def claim_run_dir(paths: RunPaths, recipe_path: Path, text: str, settings: RunSe
         write_text_atomic(paths.recipe, text)
     if paths.recorded() != settings.as_json():
         write_json_atomic(paths.info, settings.as_json())
+
+
+def json_safe(value: Any) -> Any:
+    """What an evaluator returned, as JSON can hold it: tensors and arrays as lists or numbers,
+    anything else unknown as its text (a record must never stop a run, nor a resume)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    for convert in ("tolist", "item"):
+        if callable(getattr(value, convert, None)):
+            try:
+                return json_safe(getattr(value, convert)())
+            except Exception:  # noqa: BLE001 - fall back to text below
+                break
+    return str(value)[:1000]
+
+
+def failure_kind(error: str) -> str:
+    """Failures of one kind differ only in numbers (CUDA out of memory, tried to allocate N)."""
+    return re.sub(r"\d+(\.\d+)?", "#", error)

@@ -4,7 +4,8 @@ Every worker is the same command started again (on this host or another sharing 
 They coordinate through the storage alone:
 
 - **A claim lock** serialises the decision to ask a trial: a PostgreSQL advisory lock, or an
-  ``flock`` on a file beside a journal/SQLite file. Both die with their process.
+  ``flock`` on a file beside a journal/SQLite file (:mod:`evomerge.pipelines.storage`). Both
+  die with their process.
 - **No waste**: Optuna's CMA-ES tags each trial with its generation and tells a generation's
   first ``popsize`` complete trials; complete trials of a past generation are never used. So a
   worker asks only while the current generation has fewer than ``popsize`` trials running or
@@ -22,13 +23,12 @@ They coordinate through the storage alone:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,10 @@ import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.errors import EvomergeError, describe
+from evomerge.errors import EvomergeError
+from evomerge.pipelines.storage import check_storage, open_storage, open_study, storage_url
+
+__all__ = ["INTERRUPTED", "SharedStudy", "check_storage", "open_storage", "open_study", "storage_url"]
 
 INTERRUPTED = "interrupted"
 OWNER, LEASE = "evomerge:owner", "evomerge:lease"
@@ -47,145 +50,6 @@ LEASE_GRACE_S = 60.0  # a lease not renewed for this long (another host) means i
 
 def default_popsize(n_values: int) -> int:
     return 4 + math.floor(3 * math.log(max(n_values, 1)))
-
-
-# -- storage URLs -------------------------------------------------------------------------------
-
-
-def storage_url(url: str) -> str:
-    """``postgresql://`` as typed: SQLAlchemy reads it as psycopg2; with only psycopg 3
-    installed (``evomerge[postgres]``) it means ``postgresql+psycopg://``."""
-    if url.startswith(("postgresql://", "postgres://")):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
-            return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
-
-
-def check_storage(url: str | None, flag: str = "--storage", *, run_dir: Path | None = None) -> None:
-    """A storage URL SQLAlchemy can open with an installed driver, or a journal in an existing
-    folder (or in the run folder, made later)."""
-    if url is None:
-        return
-    if url.startswith("journal:"):
-        folder = Path(url.removeprefix("journal:")).expanduser().absolute().parent
-        if not folder.is_dir() and (run_dir is None or folder != run_dir.absolute()):
-            raise EvomergeError(f"{flag} {url}: folder {folder} does not exist")
-        return
-    from sqlalchemy.engine import make_url
-
-    try:
-        dialect = make_url(storage_url(url)).get_dialect()
-    except Exception as e:  # ArgumentError, NoSuchModuleError: all "not a URL we can open"
-        raise EvomergeError(f"{flag} {url!r}: not a database URL ({describe(e)}); use "
-                            "sqlite:///PATH, postgresql://USER@HOST/DB or journal:PATH") from None
-    try:
-        dialect.import_dbapi()
-    except ImportError:
-        hint = "pip install 'evomerge[postgres]' (psycopg 3: postgresql:// or postgresql+psycopg://)" \
-            if dialect.name == "postgresql" else f"install the {dialect.driver} driver"
-        raise EvomergeError(f"{flag} {url}: the {dialect.name} driver ({dialect.driver}) is not installed; "
-                            f"{hint}") from None
-
-
-class FlockLock:
-    """An exclusive ``flock`` on a file: released by the kernel when its holder dies, so a
-    SIGKILLed worker never leaves a stale lock (Optuna's journal locks wait out a grace period)."""
-
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        self._fd: int | None = None
-        self._depth = 0
-        self._mutex = threading.RLock()  # the lease thread writes to the journal too
-
-    def acquire(self) -> bool:
-        import fcntl
-
-        self._mutex.acquire()
-        if self._depth == 0:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self._depth += 1
-        return True
-
-    def release(self) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-        self._mutex.release()
-
-    def __enter__(self) -> FlockLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class AdvisoryLock:
-    """A PostgreSQL session advisory lock on its own connection (the server drops it when the
-    connection dies)."""
-
-    def __init__(self, url: str, name: str):
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.pool import NullPool
-
-        self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        self._text = text
-        self._conn = create_engine(url, poolclass=NullPool).connect().execution_options(isolation_level="AUTOCOMMIT")
-        self._mutex = threading.Lock()
-
-    def __enter__(self) -> AdvisoryLock:
-        self._mutex.acquire()
-        self._conn.execute(self._text("select pg_advisory_lock(:k)"), {"k": self._key})
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._conn.execute(self._text("select pg_advisory_unlock(:k)"), {"k": self._key})
-        finally:
-            self._mutex.release()
-
-
-def open_storage(url: str, *, lock_dir: Path | None = None) -> tuple[optuna.storages.BaseStorage, Any]:
-    """The study storage for a URL and the claim lock that goes with it.
-
-    ``journal:PATH`` is Optuna's append-only journal file (several processes on one host or a
-    shared file system; much cheaper per write than SQLite). SQLite gets write-ahead logging:
-    each trial writes a few dozen small transactions, and WAL commits them without an fsync each
-    and lets readers in meanwhile. PostgreSQL is the storage for several machines."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url[len("journal:"):]).expanduser()
-        appends = FlockLock(f"{path}.evomerge-append")  # not the claim lock: the lease thread appends too
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=appends)), FlockLock(f"{path}.evomerge-lock")
-    url = storage_url(url)
-    if url.startswith("sqlite:"):
-        lock = FlockLock(f"{url.removeprefix('sqlite:///')}.evomerge-lock")
-    elif url.startswith("postgresql"):
-        lock = AdvisoryLock(url, "evomerge")
-    else:  # other servers: one host only (the lock file lives in the run folder)
-        lock = FlockLock((lock_dir or Path(".")) / ".study.evomerge-lock")
-    with lock:  # two workers creating the tables at once would collide
-        try:
-            storage = optuna.storages.RDBStorage(url)
-        except Exception as e:
-            raise EvomergeError(f"storage {url}: cannot open ({describe(e)})") from None
-    if url.startswith("sqlite:"):
-        from sqlalchemy import event
-
-        def pragmas(connection, _record) -> None:
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-        event.listen(storage.engine, "connect", pragmas)
-        storage.engine.dispose()  # connections opened before the listener get reopened with it
-    return storage, lock
 
 
 # -- the sampler -------------------------------------------------------------------------------
@@ -434,9 +298,12 @@ class SharedStudy:
             self.leases.hold(f"job:{key}", lambda until: self.set_job(key, {"owner": owner, "lease": until}))
             return "mine"
 
-    def finish(self, key: str, result: Any = None, *, failed: str | None = None) -> None:
+    def finish(self, key: str, result: Any = None, *, failed: str | None = None, release: bool = False) -> None:
+        """Record a job's result or failure, or (``release``: this worker stops) give it back."""
         self.leases.drop(f"job:{key}")
-        if failed is not None:
+        if release:
+            self.set_job(key, {"released": time.time()})
+        elif failed is not None:
             self.set_job(key, {"failed": failed, "at": time.time()})
         else:
             self.set_job(key, {"result": result})
@@ -450,26 +317,16 @@ class SharedStudy:
             time.sleep(poll)
 
 
-def open_study(url: str, name: str, sampler: optuna.samplers.BaseSampler, *,
-               lock_dir: Path | None = None) -> tuple[optuna.Study, Any]:
-    storage, lock = open_storage(url, lock_dir=lock_dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with lock:
-        try:
-            study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                        sampler=sampler, load_if_exists=True)
-        except Exception as e:  # a server that does not answer, a file it cannot write...
-            raise EvomergeError(f"storage {url}: cannot open the study ({describe(e)})") from None
-    return study, lock
+class Backoff:
+    """``wait()`` sleeps a little longer each time (up to ``most`` seconds) until ``reset()``:
+    a worker waiting for a generation looks often at first, then every few seconds."""
 
+    def __init__(self, first: float = 0.2, most: float = 2.0):
+        self.first, self.most, self.delay = first, most, first
 
-@contextlib.contextmanager
-def polling(first: float = 0.2, most: float = 2.0) -> Iterator[Callable[[], None]]:
-    """``wait()`` sleeps a little longer each time (up to ``most`` seconds)."""
-    delay = [first]
+    def __call__(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 1.5, self.most)
 
-    def wait() -> None:
-        time.sleep(delay[0])
-        delay[0] = min(delay[0] * 1.5, most)
-
-    yield wait
+    def reset(self) -> None:
+        self.delay = self.first
