@@ -136,39 +136,16 @@ def merge(
     check_output(out, force=force, inputs=[source, *input_paths(recipe)])  # before any model loads
     if push_to_hub:
         require_hub(f"--push-to-hub {push_to_hub}")
-    from evomerge.pipelines.merge import merge_to_folder, open_session
-
-    if recipe.dfs is not None:  # a DFS run folder: write its best path as a stock checkpoint
-        from evomerge.pipelines.dfs import DFSCandidates
-
-        if not values:
-            raise EvomergeError(f"{config}: a dfs recipe fixes no path; pass the run folder evolve wrote")
-        candidates = DFSCandidates(recipe, device=resolve_device(device), allow_pickle=allow_pickle,
-                                   trust_remote_code=trust_remote_code)
-        candidates.export(values, out, force=force)
-        typer.echo(f"wrote {out}")
-        pushed(out, push_to_hub)
-        return
     if tie_order is not None:
         recipe.merge.tie_order = tie_order.value
     if random_seed is not None:
         recipe.seed = random_seed
-    from evomerge.pipelines.slices import merge_layout, needs_layout
+    from evomerge.pipelines.merge import merge_recipe
 
-    layout_options = out_shard_size is not None or not copy_tokenizer
-    if needs_layout(recipe) or (layout_options and recipe.modality == "causal_lm" and not values):
-        merge_layout(recipe, out, device=resolve_device(device), allow_pickle=allow_pickle,
-                     trust_remote_code=trust_remote_code, force=force, copy_tokenizer=copy_tokenizer,
-                     shard_bytes=parse_size(out_shard_size) if out_shard_size else 5 * 10**9,
-                     show_progress=not quiet, allow_nonfinite=allow_nonfinite)
-        typer.echo(f"wrote {out}")
-        pushed(out, push_to_hub)
-        return
-    if layout_options:
-        raise EvomergeError("--out-shard-size and --no-copy-tokenizer apply to causal_lm merges of fixed values")
-    session = open_session(recipe, device=resolve_device(device), allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite)
-    merge_to_folder(session, out, values, force=force, show_progress=not quiet)
+    merge_recipe(recipe, out, values, device=resolve_device(device), allow_pickle=allow_pickle,
+                 trust_remote_code=trust_remote_code, allow_nonfinite=allow_nonfinite, force=force,
+                 show_progress=not quiet, shard_bytes=parse_size(out_shard_size) if out_shard_size else None,
+                 copy_tokenizer=copy_tokenizer)
     typer.echo(f"wrote {out}")
     pushed(out, push_to_hub)
 

@@ -177,10 +177,12 @@ def model_card(r: Recipe, library: str, values: dict[str, float], extra: str = "
 
 def merge_recipe(recipe: Recipe, out_dir: str | Path, values: dict[str, float] | None = None, *,
                  device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
-                 allow_nonfinite: bool = False, force: bool = False, show_progress: bool = True) -> Path:
+                 allow_nonfinite: bool = False, force: bool = False, show_progress: bool = True,
+                 shard_bytes: int | None = None, copy_tokenizer: bool = True) -> Path:
     """One merge of a recipe into ``out_dir``, whatever it asks for: a DFS path (``values`` from
-    its run's best.json), a mergekit-style layout (slices, tokenizer, out_dtype...), or the
-    engine's merge with the recipe's fixed values and ``values`` for the searched ones."""
+    its run's best.json), a mergekit-style layout (slices, tokenizer, out_dtype..., or the output
+    options ``shard_bytes`` and ``copy_tokenizer`` only it writes), or the engine's merge with the
+    recipe's fixed values and ``values`` for the searched ones."""
     out_dir = Path(out_dir)
     opts = dict(device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if recipe.dfs is not None:
@@ -191,8 +193,13 @@ def merge_recipe(recipe: Recipe, out_dir: str | Path, values: dict[str, float] |
         return DFSCandidates(recipe, **opts).export(values, out_dir, force=force, show_progress=show_progress)
     from evomerge.pipelines.slices import merge_layout, needs_layout
 
-    if needs_layout(recipe):
+    output_options = shard_bytes is not None or not copy_tokenizer
+    if needs_layout(recipe) or (output_options and not values):
         return merge_layout(recipe, out_dir, force=force, show_progress=show_progress,
-                            allow_nonfinite=allow_nonfinite, **opts)
+                            allow_nonfinite=allow_nonfinite, shard_bytes=shard_bytes or 5 * 10**9,
+                            copy_tokenizer=copy_tokenizer, **opts)
+    if output_options:
+        raise EvomergeError("--out-shard-size and --no-copy-tokenizer apply to merges of fixed values, "
+                            "not to a run's best values")
     session = open_session(recipe, allow_nonfinite=allow_nonfinite, **opts)
     return merge_to_folder(session, out_dir, values, force=force, show_progress=show_progress)

@@ -110,7 +110,7 @@ class Layout:
                  trust_remote_code: bool = False, allow_nonfinite: bool = False):
         if recipe.modality != "causal_lm":
             raise EvomergeError(f"modality {recipe.modality}: slices, tokenizer, LoRA, revision, out_dtype "
-                                "and chat_template apply to causal_lm merges only")
+                                "chat_template, output shard size and tokenizer copying apply to causal_lm merges only")
         self.recipe = recipe
         self.allow_nonfinite = allow_nonfinite
         self.adapter = get_adapter("causal_lm", trust_remote_code=trust_remote_code)
