@@ -66,6 +66,8 @@ def write_recipe(path: Path, family: dict, *, trials: int, sleep: float, baselin
 
 def load(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return []
     storage, _ = open_storage(url)
     try:
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
@@ -192,3 +194,39 @@ def test_missing_postgres_driver_is_one_line(llama_fp32, tmp_path, evomerge_cli,
                                   "--storage", "postgresql://postgres@127.0.0.1/test")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "pip install 'evomerge[postgres]'" in err and not (tmp_path / "run").exists()
+
+
+def test_a_worker_joins_a_running_sqlite_study(llama_fp32, tmp_path):
+    """The default storage (SQLite in the run folder): a second worker joins mid-run."""
+    recipe = write_recipe(tmp_path / "r.yaml", llama_fp32, trials=16, sleep=0.3)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "evomerge.cli", "evolve", str(recipe), "--run-dir", str(run), "--device", "cpu"]
+    first = start(cmd, tmp_path, 0)
+    url = f"sqlite:///{run / 'study.db'}"
+
+    def name() -> str:
+        return json.loads((run / "run.json").read_text())["study"] if (run / "run.json").exists() else "-"
+
+    wait_until(lambda: sum(t.state == TrialState.COMPLETE for t in load(url, name())) >= 2, 240, "trials")
+    second = start(cmd, tmp_path, 1)
+    assert (first.wait(timeout=300), second.wait(timeout=300)) == (0, 0), (tmp_path / "w1.err").read_text()[-2000:]
+    trials = load(url, name())
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 16
+    assert {t.system_attrs[OWNER]["pid"] for t in trials} == {first.pid, second.pid}
+    assert unused_by_cmaes(trials, default_popsize(4)) == (0, 16)
+
+
+def test_estimated_fitness_rescores_once_among_workers(llama_fp32, tmp_path):
+    from test_fitness import loss_recipe
+
+    recipe = loss_recipe(tmp_path, llama_fp32, {"mode": "estimated", "anchors": 10, "rescore": 3}, trials=8)
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "evolve", str(recipe), "--run-dir", str(run),
+                          "--workers", "2"], capture_output=True, text=True, env=env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("re-scored trial") == 3, out.stdout  # by one worker only
+    rescored = json.loads((run / "rescored.json").read_text())
+    best = json.loads((run / "best.json").read_text())
+    assert len(rescored) == 3 and "estimate" in best and str(best["trial"]) in rescored
+    assert best["score"] == max(e["score"] for e in rescored.values() if e["full"])
+    assert out.stdout.count(f"best score {best['score']:.4g}") == 2  # both workers end on the re-scored best

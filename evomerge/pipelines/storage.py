@@ -35,11 +35,14 @@ def check_storage(url: str | None, flag: str = "--storage", *, run_dir: Path | N
     folder (or in the run folder, made later)."""
     if url is None:
         return
-    if url.startswith("journal:"):
-        folder = Path(url.removeprefix("journal:")).expanduser().absolute().parent
+    file = url.removeprefix("journal:") if url.startswith("journal:") else \
+        url.removeprefix("sqlite:///") if url.startswith("sqlite:///") and ":memory:" not in url else None
+    if file is not None:
+        folder = Path(file).expanduser().absolute().parent
         if not folder.is_dir() and (run_dir is None or folder != run_dir.absolute()):
             raise EvomergeError(f"{flag} {url}: folder {folder} does not exist")
-        return
+        if url.startswith("journal:"):
+            return
     from sqlalchemy.engine import make_url
 
     try:
@@ -131,6 +134,7 @@ def open_storage(url: str, *, lock_dir: Path | None = None, study: str = "evomer
         return JournalStorage(JournalFileBackend(str(path), lock_obj=appends)), FlockLock(f"{path}.evomerge-lock")
     url = storage_url(url)
     if url.startswith("sqlite:"):
+        check_storage(url, "storage")  # its folder must exist (the lock file goes beside it)
         lock = FlockLock(f"{url.removeprefix('sqlite:///')}.evomerge-lock")
     elif url.startswith("postgresql"):
         lock = AdvisoryLock(url, study)  # one lock per study: other studies on the server go on
