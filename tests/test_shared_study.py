@@ -32,6 +32,7 @@ from evomerge.pipelines.study import (
 )
 
 TESTS = Path(__file__).parent
+STORAGES: dict[str, optuna.storages.BaseStorage] = {}
 PG_URL = os.environ.get("EVOMERGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -68,9 +69,10 @@ def load(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return []
-    storage, _ = open_storage(url)
+    if url not in STORAGES:  # one per test process: a new engine per poll would use up the server's connections
+        STORAGES[url] = open_storage(url)[0]
     try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=name, storage=STORAGES[url]).get_trials(deepcopy=False)
     except KeyError:
         return []
 
@@ -162,8 +164,7 @@ def test_four_workers_one_killed_on_postgresql(llama_fp32, tmp_path, postgres):
     try:
         check_bar(result)
     finally:
-        storage, _ = open_storage(postgres)
-        optuna.delete_study(study_name=result["name"], storage=storage)
+        optuna.delete_study(study_name=result["name"], storage=STORAGES[postgres])
 
 
 def test_local_workers_started_together(llama_fp32, tmp_path):
@@ -172,9 +173,10 @@ def test_local_workers_started_together(llama_fp32, tmp_path):
                           baselines=[{"name": "m1", "source": "m1"}, {"name": "m2", "source": "m2"}])
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "-m", "evomerge.cli", "evolve", str(recipe), "--run-dir", str(run),
-                          "--workers", "2"], capture_output=True, text=True, env=env(), timeout=300)
+                          "--workers", "2", "--export-best"], capture_output=True, text=True, env=env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("worker ") >= 2 and "Traceback" not in out.stderr
+    assert out.stdout.count("best model written to") == 1 and (run / "best" / "config.json").exists()
     for name in ("m1", "m2"):
         assert out.stdout.count(f"baseline {name}:") == 1, out.stdout
     info = json.loads((run / "run.json").read_text())

@@ -128,6 +128,7 @@ class Evolution:
         self.storage = self.paths.expand(self.settings.storage)
         self.started_at = time.time()
         self._shared: SharedStudy | None = None
+        self._finalized = False  # this worker wrote the study's final best
 
     def say(self, text: str) -> None:
         """One log line, never wrapped or read as markup (errors quote code and paths)."""
@@ -281,6 +282,7 @@ class Evolution:
         streak: list[str] = []
         limit = self.recipe.search.max_consecutive_failures
         done = sum(counted(t) for t in shared.trials())
+        complete_before = done >= total
         wait = Backoff()
         with TrialLog(total, done, self.console, enabled=show_progress) as log:
             while True:
@@ -316,7 +318,8 @@ class Evolution:
             outcome.best_value, outcome.best_values = final["score"], final["values"]
         if timings:
             self.console.print(timing_summary(timings))
-        if export_best and outcome.best_values:
+        # one export per study: by the worker that finished it (or a rerun of a finished one)
+        if export_best and outcome.best_values and (complete_before or self._finalized):
             out = self.candidates.export(outcome.best_values, self.paths.root / "best",
                                          extra_card=self._card_note(shared.study), show_progress=show_progress)
             self.say(f"best model written to {out}")
@@ -338,6 +341,7 @@ class Evolution:
         fitness, then best.json."""
         if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             return None
+        self._finalized = True
         self._write_best(study, self._rescore_best(study))
         return read_json(self.paths.best, "best.json")
 

@@ -104,12 +104,19 @@ class AdvisoryLock:
 
         self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         self._text = text
-        self._conn = create_engine(url, poolclass=NullPool).connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = create_engine(url, poolclass=NullPool)
+        self._conn: Any = None  # connected on first use: a reader (report) never holds one
         self._mutex = threading.Lock()
 
     def __enter__(self) -> AdvisoryLock:
         self._mutex.acquire()
-        self._conn.execute(self._text("select pg_advisory_lock(:k)"), {"k": self._key})
+        try:
+            if self._conn is None:
+                self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._conn.execute(self._text("select pg_advisory_lock(:k)"), {"k": self._key})
+        except BaseException:
+            self._mutex.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

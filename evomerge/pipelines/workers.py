@@ -87,5 +87,11 @@ def start_workers(recipe: Path, *, trials: int | None, run_dir: Path | None, sto
             p.wait()
         print(f"\ninterrupted. Resume with: {resume_command()}", file=sys.stderr, flush=True)
         raise typer.Exit(130) from None
+    except BaseException:  # SIGTERM reaches this process only: pass it on
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
     if any(codes):
         raise typer.Exit(max(codes))
