@@ -34,10 +34,10 @@ def evolve_command(recipe: Path, *, trials: int | None, run_dir: Path | None, st
                              resolve_device=resolve_device)
     from evomerge.pipelines.evolve import Evolution
 
-    evo = Evolution(recipe, run_dir=run_dir, storage=storage, sampler=sampler, study_name=study_name,
-                    device=resolve_device(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                    command=f"evomerge evolve {shlex.quote(str(recipe))} --run-dir NEW_FOLDER")
     try:
+        evo = Evolution(recipe, run_dir=run_dir, storage=storage, sampler=sampler, study_name=study_name,
+                        device=resolve_device(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        command=f"evomerge evolve {shlex.quote(str(recipe))} --run-dir NEW_FOLDER")
         outcome = evo.run(trials, export_best=export_best)
     except KeyboardInterrupt:
         print(f"\ninterrupted; no trial was left half-done. Resume with: {resume_command()}",
