@@ -239,6 +239,27 @@ def test_cmaes_generations_are_never_overfilled_and_trial_zero_is_cmaes(tmp_path
     assert distributions  # imported for the evolve loop
 
 
+def test_free_running_workers_waste_trials_the_count_sees(tmp_path):
+    """The same rounds without the claim protocol (plain Optuna CMA-ES, every worker asks when
+    free): trials of past generations go unused, and trial 0 is not CMA-ES's."""
+    from evomerge.pipelines.study import generation
+
+    space = {f"x{i}": optuna.distributions.FloatDistribution(0, 1) for i in range(3)}
+    studies = [optuna.create_study(study_name="free", storage=f"sqlite:///{tmp_path / 'f.db'}", load_if_exists=True,
+                                   direction="maximize", sampler=optuna.samplers.CmaEsSampler(seed=0, popsize=4))
+               for _ in range(3)]
+    running = []
+    for _ in range(8):
+        for study in studies:
+            running.append((study, study.ask(space)))
+        for _ in range(len(studies)):  # finish the oldest trials, keep some running across generations
+            study, trial = running.pop(0)
+            study.tell(trial, -sum((v - 0.3) ** 2 for v in trial.params.values()))
+    trials = studies[0].get_trials()
+    unused, complete = unused_by_cmaes(trials, 4)
+    assert generation(trials[0]) is None and unused > 0 and complete == 24, unused
+
+
 def test_non_tty_output_logs_one_flushed_line_per_trial(llama_fp32, tmp_path):
     recipe = recipe_for(tmp_path / "r.yaml", llama_fp32, trials=3)
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "evolve", str(recipe), "--run-dir",
