@@ -13,9 +13,11 @@ They coordinate through the storage alone:
   frees its slot). The search space is known up front, so even trial 0 is a CMA-ES sample.
 - **Exact total**: no trial is asked once finished + running trials reach the total.
 - **Dead workers**: each running trial records its owner (host, boot, pid, process start) and a
-  lease the owner renews every few seconds. A trial is retired (failed, "interrupted", its slot
-  asked again) only when its owner is dead: a process gone from this host, or a lease expired
-  on another host. A live worker's trial is never retired.
+  lease the owner renews every 10 s. A trial is retired (failed, "interrupted", its slot asked
+  again) only when its owner is dead: a process gone from this host (or a zombie), or a lease
+  not renewed for 60 s on another host. A live worker's trial is never retired; the one case
+  that looks alike is a worker on another host cut off from the storage for a minute, whose
+  late result is then dropped with one line.
 - **Once per study**: baselines, the preflight check and the final re-score are claimed with the
   same owner and lease in the study's system attributes, so each is done by one worker.
 """
