@@ -159,10 +159,13 @@ def test_four_workers_one_killed_on_a_journal(llama_fp32, tmp_path, evomerge_cli
     assert f"complete trials CMA-ES did not use: {result['unused']} of 45" in out
 
 
-def test_four_workers_one_killed_on_postgresql(llama_fp32, tmp_path, postgres):
+def test_four_workers_one_killed_on_postgresql(llama_fp32, tmp_path, postgres, evomerge_cli):
     result = run_bar(llama_fp32, tmp_path, postgres)
     try:
         check_bar(result)
+        code, out, err = evomerge_cli("report", result["run"])
+        assert code == 0, err
+        assert f"complete trials CMA-ES did not use: {result['unused']} of 45" in out and "postgresql://" in out
     finally:
         optuna.delete_study(study_name=result["name"], storage=STORAGES[postgres])
 
@@ -232,3 +235,18 @@ def test_estimated_fitness_rescores_once_among_workers(llama_fp32, tmp_path):
     assert len(rescored) == 3 and "estimate" in best and str(best["trial"]) in rescored
     assert best["score"] == max(e["score"] for e in rescored.values() if e["full"])
     assert out.stdout.count(f"best score {best['score']:.4g}") == 2  # both workers end on the re-scored best
+
+
+def test_racing_workers_share_the_incumbent(llama_fp32, tmp_path):
+    """Racing with two workers: each races against the best fully scored trial of the study."""
+    from test_fitness import loss_recipe
+
+    recipe = loss_recipe(tmp_path, llama_fp32, {"mode": "racing", "chunk": 5}, trials=10)
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "evolve", str(recipe), "--run-dir", str(run),
+                          "--workers", "2"], capture_output=True, text=True, env=env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in (run / "trials").glob("*.json")]
+    best = json.loads((run / "best.json").read_text())
+    assert len(records) == 10 and best["metrics"]["fitness_full"]
+    assert best["score"] == max(r["score"] for r in records)
