@@ -51,7 +51,8 @@ def evolve_command(recipe: Path, *, trials: int | None, run_dir: Path | None, st
 def start_workers(recipe: Path, *, trials: int | None, run_dir: Path | None, storage: str | None,
                   study_name: str | None, sampler: str | None, workers: int | None, devices: str | None,
                   export_best: bool, device: str, allow_pickle: bool, trust_remote_code: bool,
-                  resolve_device: Callable[[str], str]) -> None:
+                  resolve_device: Callable[[str], str]):
+    """Start the local workers, wait for them, and return the study's outcome."""
     if workers is not None and devices is not None:
         raise EvomergeError("--workers and --devices both start local workers: give one")
     if devices is not None:
@@ -95,3 +96,8 @@ def start_workers(recipe: Path, *, trials: int | None, run_dir: Path | None, sto
         raise
     if any(codes):
         raise typer.Exit(max(codes))
+    from evomerge.pipelines.evolve import EvolveOutcome
+    from evomerge.pipelines.run_state import read_json
+
+    best = read_json(RunPaths(folder).best, "best.json") if RunPaths(folder).best.exists() else {}
+    return EvolveOutcome(folder, best.get("score"), best.get("values") or {})  # for --push-to-hub
