@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.atomic import swap_in
 from evomerge.miniworld import VERSION
 from evomerge.miniworld.tasks import (
     PROMPT,
@@ -179,9 +180,7 @@ def _build(seed: int, folder: Path, config: BuildConfig, log: Callable[[str], No
     build_specialists(model, world, codec, tokenizer, config, tmp, manifest, log)
 
     # -- move into place -------------------------------------------------------------------------
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    swap_in(tmp, folder)  # a cached world stays whole until the new one replaces it
     manifest["paths"] = {k: str(folder / k) for k in MODELS}
     manifest["data"] = {s: str(folder / "data" / f"{s}.jsonl") for s in world.splits}
     return manifest

@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, describe
 from evomerge.pipelines import report_page, report_plots
 from evomerge.pipelines.fitness import cost_rows
 from evomerge.pipelines.run_state import RunPaths
@@ -100,7 +100,7 @@ def importances(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
     try:
         return get_param_importances(study, evaluator=PedAnovaImportanceEvaluator()), ""
     except Exception as e:  # a degenerate study (all scores equal...) has no importances
-        return None, f"parameter importance: not computable here ({type(e).__name__}: {e})"
+        return None, f"parameter importance: not computable here ({describe(e)})"
 
 
 def sources(recipe: Recipe) -> list[tuple[str, str]]:
