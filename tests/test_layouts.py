@@ -257,15 +257,22 @@ def test_unknown_layout_refused_on_the_command_line(tmp_path, evomerge_cli):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_known_family_with_a_stray_tensor_is_refused(family_models, tmp_path):
+def gpt2_rewritten(family_models, folder: Path, edit) -> dict[str, torch.Tensor]:
+    """The tiny GPT-2 base saved into ``folder`` with its tensors passed through ``edit``; the
+    original tensors are returned."""
     from safetensors.torch import save_file
 
-    folder = tmp_path / "stray"
     folder.mkdir()
     src = family_models("gpt2")["base"]
     (folder / "config.json").write_bytes((src / "config.json").read_bytes())
     tensors = load_file(src / "model.safetensors")
-    save_file({**tensors, "transformer.extra.weight": torch.zeros(2)}, folder / "model.safetensors")
+    save_file(edit(tensors), folder / "model.safetensors")
+    return tensors
+
+
+def test_a_known_family_with_a_stray_tensor_is_refused(family_models, tmp_path):
+    folder = tmp_path / "stray"
+    gpt2_rewritten(family_models, folder, lambda t: {**t, "transformer.extra.weight": torch.zeros(2)})
     with pytest.raises(EvomergeError, match=r"model stray: tensor transformer.extra.weight does not fit the "
                                             r"gpt2 layout \(architecture GPT2LMHeadModel\)"):
         get_adapter("causal_lm").open(str(folder), "stray")
@@ -273,14 +280,8 @@ def test_a_known_family_with_a_stray_tensor_is_refused(family_models, tmp_path):
 
 def test_gpt2_names_without_the_transformer_prefix(family_models, tmp_path):
     """GPT-2's own checkpoints store ``h.0.*``, ``wte.weight``: read as transformers names them."""
-    from safetensors.torch import save_file
-
     folder = tmp_path / "bare"
-    folder.mkdir()
-    src = family_models("gpt2")["base"]
-    (folder / "config.json").write_bytes((src / "config.json").read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, folder / "model.safetensors")
+    tensors = gpt2_rewritten(family_models, folder, lambda t: {k.removeprefix("transformer."): v for k, v in t.items()})
     source = get_adapter("causal_lm").open(str(folder), "bare")
     assert set(source.names()) == set(tensors) | {"lm_head.weight"}
 
