@@ -3,7 +3,8 @@
     build (or load from the cache) the mini-world of --seed: a base, a Japanese-style source,
         a math source (evomerge.miniworld)
     write recipes/miniworld-llm.yaml with the world's paths into the run directory
-    evolve it (CMA-ES over per-layer TIES values; fitness: ja_math on the SEARCH split)
+    evolve it (CMA-ES over per-layer TIES values; fitness: ja_math on the SEARCH split, by default
+        estimated from 250 problems with the 8 best re-scored on all; --fitness full scores all)
     score every row on the held-out TEST split (never seen by the search)
     print the table, write the report and summary.json
 """
@@ -57,7 +58,7 @@ def _metrics(result) -> dict[str, float]:
 
 
 def run_demo(seed: int = 0, run_dir: Path = Path("runs/miniworld"), cache_dir: Path | None = None,
-             trials: int | None = None, *, fitness: str = "full", show_progress: bool = True,
+             trials: int | None = None, *, fitness: str = "fast", show_progress: bool = True,
              console: Console | None = None) -> dict:
     """Build/load the world, evolve, score everything on both splits; returns the summary."""
     from evomerge.evaluators.ja_math import JaMathEvaluator
