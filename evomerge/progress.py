@@ -125,4 +125,9 @@ def timing_summary(timings: list, title: str = "trial time (s)") -> Table:
                       f"{total / max(len(values), 1):.3f}", f"{percentile(values, 0.5):.3f}",
                       f"{percentile(values, 0.9):.3f}", f"{max(values, default=0):.3f}",
                       style="bold" if attr == "total_s" else None)
+    rates = [t.generated_tokens / t.generate_s for t in timings if t.generate_s > 0]
+    if rates:  # generation speed: the whole worker's, then per trial
+        tokens, seconds = (sum(getattr(t, a) for t in timings) for a in ("generated_tokens", "generate_s"))
+        table.add_row("tokens/s", f"{tokens / seconds:.0f}", "-", f"{sum(rates) / len(rates):.0f}",
+                      f"{percentile(rates, 0.5):.0f}", f"{percentile(rates, 0.9):.0f}", f"{max(rates):.0f}")
     return table

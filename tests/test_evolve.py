@@ -220,3 +220,24 @@ def test_journal_storage_resumes_and_reports(llama_fp32, tmp_path, monkeypatch):
     from evomerge.pipelines.report import write_report
 
     assert write_report(run)["storage"] == str(run / "study.journal")
+
+
+def test_timing_summary_reports_generation_speed_per_trial():
+    from rich.console import Console
+
+    from evomerge.pipelines.evolve import TrialTiming
+    from evomerge.progress import timing_summary
+
+    timings = [TrialTiming(0, 0.5, 0.1, 1.0, 1.2, "", 300, 1.0),   # 300 tokens/s
+               TrialTiming(1, 0.6, 0.1, 2.0, 2.2, "", 200, 2.0),   # 100 tokens/s
+               TrialTiming(2, None, 0.1, 0.0, 0.1, "boom")]        # failed: no generation
+    console = Console(record=True, width=120)
+    console.print(timing_summary(timings))
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in console.export_text().splitlines() if line.count("│") > 2}
+    # all: 500 tokens in 3 s; per trial: mean 200, p50 200, p90 280, max 300
+    assert rows["tokens/s"] == ["167", "-", "200", "200", "280", "300"]
+    assert rows["evaluate"][0] == "3.00"
+    without = Console(record=True, width=120)
+    without.print(timing_summary(timings[2:]))
+    assert "tokens/s" not in without.export_text()

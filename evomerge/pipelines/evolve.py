@@ -75,6 +75,8 @@ class TrialTiming:
     eval_s: float
     total_s: float
     error: str = ""
+    generated_tokens: float = 0.0  # generating evaluators (ja_math) record their decoding cost
+    generate_s: float = 0.0
 
     @property
     def other_s(self) -> float:
@@ -203,8 +205,10 @@ class Evolution:
             score = None
         finally:
             shared.release(trial)
+        metrics = record.get("metrics", {}) if score is not None else {}
         return TrialTiming(trial.number, score, merge_s, eval_s, time.perf_counter() - start,
-                           record.get("error", ""))
+                           record.get("error", ""), metrics.get("generated_tokens", 0.0),
+                           metrics.get("generate_seconds", 0.0))
 
     # -- preflight and baselines --------------------------------------------------------------
 
