@@ -258,6 +258,10 @@ def test_free_running_workers_waste_trials_the_count_sees(tmp_path):
     trials = studies[0].get_trials()
     unused, complete = unused_by_cmaes(trials, 4)
     assert generation(trials[0]) is None and unused > 0 and complete == 24, unused
+    # Optuna's stored CMA-ES state says the same: it was told fewer trials than completed
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    told = optuna.samplers.CmaEsSampler(popsize=4)._restore_optimizer(done).generation
+    assert told * 4 + sum(generation(t) == told for t in done) == complete - unused
 
 
 def test_non_tty_output_logs_one_flushed_line_per_trial(llama_fp32, tmp_path):

@@ -138,6 +138,11 @@ def check_bar(result: dict, trials: int = 45) -> None:
     assert (failed[0].system_attrs[OWNER])["pid"] == result["victim"]
     assert result["unused"] <= 0.02 * result["complete"], result["unused"]
     assert all(generation(t) is not None for t in result["trials"])  # trial 0 too: every trial is CMA-ES's
+    # Optuna's own record agrees: the CMA-ES state its last trial stored has been told every full
+    # generation, so it counts the complete trials of the generations before it and the current one
+    complete = sorted((t for t in result["trials"] if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    told = optuna.samplers.CmaEsSampler(popsize=result["popsize"])._restore_optimizer(complete).generation
+    assert told * result["popsize"] + sum(generation(t) == told for t in complete) == trials
     # baselines scored once among the four workers
     for name in ("m1", "avg"):
         assert sum(f"baseline {name}:" in text for text in logs.values()) == 1, logs
