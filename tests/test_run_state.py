@@ -70,6 +70,19 @@ def test_run_json_records_the_run_and_a_moved_folder_resumes_and_reports(llama_f
     assert not (tmp_path / "run").exists()
 
 
+def test_a_worker_joining_before_anything_is_scored_finds_the_same_study(llama_fp32, tmp_path):
+    """The first worker has written run.json but is still loading or scoring its baselines: the
+    same command without flags joins its study, not a new one in the default storage."""
+    recipe = recipe_for(tmp_path / "r.yaml", llama_fp32, trials=2)
+    run = tmp_path / "run"
+    first = Evolution(recipe, run_dir=run, storage=f"journal:{run / 'study.journal'}", sampler="random")
+    info = json.loads((run / "run.json").read_text())
+    joining = Evolution(recipe, run_dir=run)  # nothing scored yet
+    assert joining.settings == first.settings
+    assert json.loads((run / "run.json").read_text()) == info
+    assert joining.storage == f"journal:{run / 'study.journal'}" and joining.sampler_kind == "random"
+
+
 def test_flags_that_contradict_run_json_are_refused(llama_fp32, tmp_path, evomerge_cli):
     recipe = recipe_for(tmp_path / "r.yaml", llama_fp32, trials=2)
     run = tmp_path / "run"

@@ -186,3 +186,27 @@ def test_text_llm_with_tied_embeddings(tmp_path: Path) -> None:
     torch.testing.assert_close(merged[head][:V], expected, rtol=0, atol=1e-6)
     assert torch.equal(merged[head][V:], vlm[head][V:])
     reload_and_generate(out)
+
+
+def test_llava_with_a_tied_head_merges_with_tied_text_llms(tmp_path: Path) -> None:
+    """The reference (LLaVA) ties its text head: nothing is missing from it, and the output's
+    head is its merged embedding."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    paths = make_vlm_family(tmp_path, kind="llava", layout="current", seed=6)
+    for key in ("vlm", "text", "base"):
+        cls = AutoModelForImageTextToText if key == "vlm" else AutoModelForCausalLM
+        model = cls.from_pretrained(paths[key])
+        config = model.config.text_config if key == "vlm" else model.config
+        config.tie_word_embeddings = True
+        model.config.tie_word_embeddings = True
+        tied = cls.from_config(model.config)
+        tied.load_state_dict(model.state_dict(), strict=False)
+        tied.tie_weights()
+        tied.save_pretrained(tmp_path / f"tied-{key}")
+        paths[key] = tmp_path / f"tied-{key}"
+    recipe = load_recipe(write_recipe(tmp_path, paths, {"method": "task_arithmetic", "parameters": {"weight": 0.5}}))
+    out = merge_to_folder(open_session(recipe, device="cpu"), tmp_path / "out", show_progress=False)
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+    assert not any(k.endswith("lm_head.weight") for k in raw_vlm(out))

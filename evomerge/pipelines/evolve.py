@@ -181,30 +181,34 @@ class Evolution:
         except BaseException:  # Ctrl-C, SIGTERM: nothing half-way, the trial is redone on resume
             shared.interrupt(trial)
             raise
-        record.update(merge_s=merge_s, eval_s=eval_s)
-        # one line per trial record: with every item's output inside, pretty-printing costs
-        # more than the merge of a small model
-        write_json_atomic(self.paths.trials / f"{trial.number:05d}.json", record, indent=None)
-        total = time.perf_counter() - start  # bookkeeping up to here; tell() is the sampler's
         try:
-            attrs = {"merge_s": merge_s, "eval_s": eval_s, "total_s": total}
-            if score is not None:
-                attrs.update(json_safe({**scored.result.metrics, **scored.attrs()}))
-            else:
-                attrs["reason"] = record["error"][:500]
-            for k, v in attrs.items():
-                trial.set_user_attr(k, v)
-            shared.release(trial)
-            if score is None:
-                shared.study.tell(trial, state=TrialState.FAIL)
-            else:
-                shared.study.tell(trial, score)
-                self.fitness.adopt(trial.number, scored)
-        except UpdateFinishedTrialError:  # our lease lapsed (a long stall) and another worker retired it
-            record["error"] = "retired by another worker while it ran (its lease had lapsed); result dropped"
-            score = None
-        finally:
-            shared.release(trial)
+            record.update(merge_s=merge_s, eval_s=eval_s)
+            # one line per trial record: with every item's output inside, pretty-printing costs
+            # more than the merge of a small model
+            write_json_atomic(self.paths.trials / f"{trial.number:05d}.json", record, indent=None)
+            total = time.perf_counter() - start  # bookkeeping up to here; tell() is the sampler's
+            try:
+                attrs = {"merge_s": merge_s, "eval_s": eval_s, "total_s": total}
+                if score is not None:
+                    attrs.update(json_safe({**scored.result.metrics, **scored.attrs()}))
+                else:
+                    attrs["reason"] = record["error"][:500]
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+                shared.release(trial)
+                if score is None:
+                    shared.study.tell(trial, state=TrialState.FAIL)
+                else:
+                    shared.study.tell(trial, score)
+                    self.fitness.adopt(trial.number, scored)
+            except UpdateFinishedTrialError:  # our lease lapsed (a long stall) and another worker retired it
+                record["error"] = "retired by another worker while it ran (its lease had lapsed); result dropped"
+                score = None
+            finally:
+                shared.release(trial)
+        except BaseException:  # Ctrl-C or an unwritable record before tell(): retire it now, so
+            shared.interrupt(trial)  # no live process (a notebook) keeps it running for ever
+            raise
         metrics = record.get("metrics", {}) if score is not None else {}
         return TrialTiming(trial.number, score, merge_s, eval_s, time.perf_counter() - start,
                            record.get("error", ""), metrics.get("generated_tokens", 0.0),

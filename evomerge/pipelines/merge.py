@@ -74,7 +74,7 @@ def open_session(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = Fa
     if len(set(families.values())) > 1:
         raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
     reference = pick_reference(adapter, recipe.reference, ([base] if base else []) + sources)
-    check_no_extra_tensors(reference, ([base] if base else []) + sources)
+    check_no_extra_tensors(adapter, reference, ([base] if base else []) + sources)
     dtype = default_dtype(recipe.dtype, reference)
     engine = MergeEngine(adapter, reference, base, sources, method, dtype=dtype, device=device,
                          seed=recipe.seed, options=method_options(recipe), allow_nonfinite=allow_nonfinite)
@@ -89,10 +89,12 @@ def method_options(recipe: Recipe) -> dict[str, str]:
             if k in recipe.merge.model_fields_set}
 
 
-def check_no_extra_tensors(reference: TensorSource, sources: list[TensorSource]) -> None:
-    """A tensor the reference lacks would vanish from the output: refuse it."""
+def check_no_extra_tensors(adapter: Adapter, reference: TensorSource, sources: list[TensorSource]) -> None:
+    """A tensor the reference lacks would vanish from the output: refuse it (a head the
+    reference ties to its embedding is not one: the merged embedding is that head)."""
     for s in sources:
-        extra = next((n for n in s.names() if n not in reference), None)
+        extra = next((n for n in s.names()
+                      if n not in reference and adapter.merge_role(n, reference) != "skip"), None)
         if extra is not None:
             raise EvomergeError(f"model {reference.label}: tensor {extra} is missing (present in "
                                 f"{s.label}); merge models of the same architecture")

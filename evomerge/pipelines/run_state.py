@@ -143,15 +143,16 @@ def settle(paths: RunPaths, recipe: Recipe, text: str, *, storage: str | None, s
            sampler: str | None, new_command: str, started: bool = True) -> RunSettings:
     """The run's settings: run.json's when it has them, the flags' (or defaults) otherwise. A flag
     that contradicts run.json is refused, saying how to start a new run instead. A run that
-    never scored anything takes new settings."""
-    old = paths.recorded() if started else {}
+    never scored anything takes the flags given as new settings, and run.json's for the rest (a
+    worker joining while the first one still loads its models must find the same study)."""
+    old = paths.recorded()
     wanted = RunSettings(
         storage=paths.contract(storage) if storage else (old.get("storage") or paths.default_storage()),
         study=study or old.get("study") or default_study_name(recipe, text),
         sampler=sampler or (old.get("sampler") or {}).get("kind") or recipe.search.sampler,
         popsize=recipe.search.popsize, separable=recipe.search.separable, seed=recipe.seed,
         recipe_hash=recipe_hash(text))
-    if not old:
+    if not old or not started:
         return wanted
     recorded_storage = old.get("storage") and paths.contract(paths.expand(old["storage"]))
     for flag, given, recorded in (("--storage", storage and wanted.storage, recorded_storage),

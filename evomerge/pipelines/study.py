@@ -37,6 +37,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.errors import EvomergeError
@@ -227,10 +228,15 @@ class SharedStudy:
         """Mark running trials whose owner is dead failed-interrupted (not counted, redone)."""
         dead = [t for t in trials if t.state == TrialState.RUNNING
                 and not owner_alive(t.system_attrs.get(OWNER), t.system_attrs.get(LEASE))]
+        retired = []
         for t in dead:
-            self.storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        return tuple(t.number for t in dead)
+            try:
+                self.storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # a cut-off owner came back and told it meanwhile
+                continue
+            retired.append(t.number)
+        return tuple(retired)
 
     def claim(self, total: int) -> Claim:
         with self.lock:

@@ -94,8 +94,8 @@ def start_workers(recipe: Path, *, trials: int | None, run_dir: Path | None, sto
         for p in procs:
             p.wait()
         raise
-    if any(codes):
-        raise typer.Exit(max(codes))
+    if any(codes):  # a worker killed by a signal (wait() < 0) exits as a shell reports it: 128 + N
+        raise typer.Exit(max(c if c >= 0 else 128 - c for c in codes))
     from evomerge.pipelines.evolve import EvolveOutcome
     from evomerge.pipelines.run_state import read_json
 
