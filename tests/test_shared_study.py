@@ -255,3 +255,23 @@ def test_racing_workers_share_the_incumbent(llama_fp32, tmp_path):
     best = json.loads((run / "best.json").read_text())
     assert len(records) == 10 and best["metrics"]["fitness_full"]
     assert best["score"] == max(r["score"] for r in records)
+
+
+def test_the_postgresql_claim_lock_survives_a_dropped_connection(postgres):
+    """The lock's connection idles through a whole trial; a server restart or an idle timeout
+    drops it, and the next claim reconnects instead of failing."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from evomerge.pipelines.storage import AdvisoryLock
+
+    lock = AdvisoryLock(postgres, f"drop-{uuid.uuid4().hex[:8]}")
+    with lock:
+        pid = lock._conn.execute(text("select pg_backend_pid()")).scalar()
+    admin = create_engine(postgres, poolclass=NullPool)
+    with admin.connect() as conn:
+        assert conn.execute(text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
+    with lock:
+        assert lock._conn.execute(text("select pg_backend_pid()")).scalar() != pid
+    lock._conn.close()
+    admin.dispose()

@@ -74,8 +74,16 @@ class FlockLock:
 
         self._mutex.acquire()
         if self._depth == 0:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except OSError as e:  # a read-only or foreign run folder
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                self._mutex.release()
+                raise EvomergeError(f"{self.path}: cannot take the study's lock ({describe(e)}); "
+                                    "the run folder must be writable") from None
         self._depth += 1
         return True
 
@@ -111,13 +119,20 @@ class AdvisoryLock:
     def __enter__(self) -> AdvisoryLock:
         self._mutex.acquire()
         try:
-            if self._conn is None:
-                self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            self._conn.execute(self._text("select pg_advisory_lock(:k)"), {"k": self._key})
+            try:
+                self._lock()
+            except Exception:  # the idle connection was dropped (server restart, timeouts): once more
+                self._conn = None
+                self._lock()
         except BaseException:
             self._mutex.release()
             raise
         return self
+
+    def _lock(self) -> None:
+        if self._conn is None:
+            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._conn.execute(self._text("select pg_advisory_lock(:k)"), {"k": self._key})
 
     def __exit__(self, *exc) -> None:
         try:
