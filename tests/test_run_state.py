@@ -203,7 +203,10 @@ def test_only_trials_of_dead_owners_are_retired(tmp_path):
     shared = SharedStudy(study, lock, space, popsize=None)
     live_elsewhere = {"host": "elsewhere", "boot": "b", "pid": 1, "start": "1"}
     dead_here = {**me(), "pid": 2**22 + 17}  # no such process
+    # a container sharing this host's network and boot id: its pids are not ours, its lease counts
+    other_container = {**dead_here, "pidns": "pid:[1]"}
     cases = {"live here": (me(), None), "lease held elsewhere": (live_elsewhere, time.time() + 60),
+             "lease held in another pid namespace": (other_container, time.time() + 60),
              "lease lapsed elsewhere": (live_elsewhere, time.time() - 1), "dead here": (dead_here, None),
              "no owner": (None, None)}
     ids = {}

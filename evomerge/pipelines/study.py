@@ -107,9 +107,19 @@ def _process_start(pid: int) -> str:
     return "zombie" if fields[0] in ("Z", "X") else fields[19]
 
 
+def _pid_namespace() -> str:
+    """Containers sharing a host's network and boot id have pids of their own: a pid means a
+    process only inside one pid namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def me() -> dict:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _process_start(pid)}
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace(), "pid": pid,
+            "start": _process_start(pid)}
 
 
 def owner_alive(owner: dict | None, lease: float | None) -> bool:
@@ -118,7 +128,7 @@ def owner_alive(owner: dict | None, lease: float | None) -> bool:
     if not isinstance(owner, dict):
         return False  # no owner recorded: a process killed while asking, or an older evomerge
     here = me()
-    if owner.get("host") == here["host"] and owner.get("boot") == here["boot"]:
+    if all(owner.get(k) == here[k] for k in ("host", "boot", "pidns")):
         pid = owner.get("pid")
         if not isinstance(pid, int):
             return False
