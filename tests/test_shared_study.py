@@ -208,7 +208,8 @@ def test_missing_postgres_driver_is_one_line(llama_fp32, tmp_path, evomerge_cli,
 
 def test_a_worker_joins_a_running_sqlite_study(llama_fp32, tmp_path):
     """The default storage (SQLite in the run folder): a second worker joins mid-run."""
-    recipe = write_recipe(tmp_path / "r.yaml", llama_fp32, trials=16, sleep=0.3)
+    # trials slow enough that the second worker (seconds of start-up on a loaded machine) gets some
+    recipe = write_recipe(tmp_path / "r.yaml", llama_fp32, trials=16, sleep=0.8)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "evomerge.cli", "evolve", str(recipe), "--run-dir", str(run), "--device", "cpu"]
     first = start(cmd, tmp_path, 0)

@@ -281,6 +281,14 @@ class Evolution:
 
     def run(self, trials: int | None = None, *, export_best: bool = False,
             show_progress: bool = True) -> EvolveOutcome:
+        try:
+            return self._run(trials, export_best=export_best, show_progress=show_progress)
+        finally:  # one Python process may run many evolutions (a notebook): hold nothing after
+            if self._shared is not None:
+                self._shared.close()
+                self._shared = None
+
+    def _run(self, trials: int | None, *, export_best: bool, show_progress: bool) -> EvolveOutcome:
         total = trials or self.recipe.search.trials
         shared = self.shared()
         baselines = self.score_baselines(shared)

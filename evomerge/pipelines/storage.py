@@ -8,6 +8,7 @@ session advisory lock (the server drops it with the connection).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -98,6 +99,9 @@ class FlockLock:
         self.acquire()
         return self
 
+    def close(self) -> None:
+        """Nothing held between claims (the file is closed after each)."""
+
     def __exit__(self, *exc) -> None:
         self.release()
 
@@ -128,6 +132,15 @@ class AdvisoryLock:
             self._mutex.release()
             raise
         return self
+
+    def close(self) -> None:
+        """Give the lock's connection back (a notebook may run many evolutions in one process)."""
+        with self._mutex:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+            self._engine.dispose()
 
     def _lock(self) -> None:
         if self._conn is None:

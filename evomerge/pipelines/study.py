@@ -151,6 +151,7 @@ class Leases:
         self._mutex = threading.Lock()  # the registry
         self._renewing = threading.Lock()  # held while renewing: a dropped lease is never renewed after
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     def hold(self, key: str, renew: Callable[[float], None]) -> None:
         renew(time.time() + LEASE_GRACE_S)
@@ -164,8 +165,14 @@ class Leases:
         with self._renewing, self._mutex:
             self._renew.pop(key, None)
 
+    def stop(self) -> None:
+        """Renew nothing more; the thread ends at its next wake-up."""
+        with self._renewing, self._mutex:
+            self._renew.clear()
+            self._stopped = True
+
     def _loop(self) -> None:
-        while True:
+        while not self._stopped:
             time.sleep(LEASE_INTERVAL_S)
             with self._renewing:
                 with self._mutex:
@@ -284,6 +291,11 @@ class SharedStudy:
 
     def release(self, trial: optuna.Trial) -> None:
         self.leases.drop(f"trial:{trial._trial_id}")
+
+    def close(self) -> None:
+        """This worker is done with the study: no more lease renewals, the lock's connection back."""
+        self.leases.stop()
+        self.lock.close()
 
     def interrupt(self, trial: optuna.Trial) -> None:
         """This worker stops mid-trial (Ctrl-C, SIGTERM): the trial is retired now, not counted."""
