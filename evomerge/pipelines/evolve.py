@@ -17,6 +17,9 @@ while it runs adds a worker (:mod:`evomerge.pipelines.study` says how they share
 trial whose worker died is retired ("interrupted", not counted) and its slot sampled again; a
 trial whose merge holds NaN/inf or whose evaluation raises fails alone, and the run goes on
 unless ``search.max_consecutive_failures`` trials in a row fail the same way.
+
+A little over 400 lines on purpose: it is the loop above, read top to bottom in one place; how
+workers share a study lives in study.py, storage.py and run_state.py.
 """
 
 from __future__ import annotations
