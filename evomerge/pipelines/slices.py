@@ -127,7 +127,7 @@ class Layout:
         if len(set(families.values())) > 1:
             raise EvomergeError(f"models of different architectures: {families}; merge models of one family")
         self.reference = self._reference()
-        check_no_extra_tensors(self.reference, opened)
+        check_no_extra_tensors(self.adapter, self.reference, opened)
         self.layout: layouts.Layout = self.adapter.layout  # bound by opening the models
         if not any(self.layout.layer_index(n) is not None for n in self.reference.names()):
             raise EvomergeError(f"model {self.reference.label}: no layer tensors ({self.layout.layer_prefix(0)}...); "
