@@ -20,7 +20,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class _DataKeys(_Strict):
+class _Source(_Strict):
     """Where the items come from (evomerge.evaluators.data.load_rows) and how to slice them."""
 
     path: str | None = None
@@ -29,6 +29,11 @@ class _DataKeys(_Strict):
     split: str | None = None
     offset: Count | None = None
     limit: Count | None = None
+
+
+class _DataKeys(_Source):
+    """A source of questions with their answers."""
+
     question_field: str | None = None
     answer_field: str | None = None
 
@@ -111,7 +116,7 @@ class ClipScoreSpec(_Strict):
 class LossSpec(_Strict):
     kind: Literal["loss"]
     name: str | None = None
-    data: _DataKeys
+    data: _Source  # texts: no question or answer fields to name
     text_field: str | None = None
     offset: Count | None = None
     limit: Count | None = None

@@ -77,6 +77,7 @@ RECIPES = {  # name -> (config text builder, words the message must contain)
     "python object tag": (lambda f: evo(f, "seed: !!python/object/apply:os.system ['touch /tmp/x']\n"), ["not a valid YAML"]),
     "unknown evaluator key": (lambda f: evo(f, "evaluator: {{kind: ja_math, data: {{path: x.jsonl}}, max_new_token: 5}}\n"), ["evaluator.max_new_token", "unknown key"]),
     "unknown evaluator data key": (lambda f: evo(f, "evaluator: {{kind: ja_math, data: {{path: x.jsonl, image_field: i}}}}\n"), ["evaluator.data.image_field"]),
+    "loss data with a question field": (lambda f: evo(f, "evaluator: {{kind: loss, data: {{path: x.jsonl, question_field: q}}}}\n"), ["evaluator.data.question_field"]),
     "unknown evaluator kind": (lambda f: evo(f, "evaluator: {{kind: bleu}}\n"), ["bleu", "ja_math"]),
     "evaluator without data": (lambda f: evo(f, "evaluator: {{kind: ja_math}}\n"), ["data"]),
     "evaluator bool as string": (lambda f: evo(f, "evaluator: {{kind: ja_math, path: x.jsonl, chat: 'yes'}}\n"), ["evaluator.chat"]),
